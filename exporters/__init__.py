@@ -1,0 +1,1 @@
+"""Exporters: reviewed slice annotations back to NIfTI volumes, measurements and training sets."""

@@ -1,0 +1,1 @@
+"""RQ workers: everything that runs or trains a model. Not built yet."""
