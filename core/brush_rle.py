@@ -61,8 +61,11 @@ Kind 0 is a single value, written as a 1-value literal. Kinds 1 to 4 are repeats
 length field of 3, 4, 8 or 16 bits (``_RLE_SIZES`` classes 0 to 3)."""
 _TOKEN_BITS = np.array([3 + _RLE_SIZES[0] + _WORD_SIZE] + [3 + size + _WORD_SIZE for size in _RLE_SIZES])
 """Bits of a token of each kind: flag, class, length field, one word."""
-_TOKEN_PREFIX = np.array([0] + [((1 << (2 + size)) | (k << size)) << _WORD_SIZE for k, size in enumerate(_RLE_SIZES)])
-"""Flag and class bits of a token of each kind, shifted into place above the field and word."""
+_TOKEN_PREFIX = np.array(
+    [0] + [((1 << (2 + size)) | (k << size)) << _WORD_SIZE for k, size in enumerate(_RLE_SIZES)]
+) - (1 << _WORD_SIZE)
+"""Flag and class bits of a token of each kind, shifted into place above the field and word,
+minus 1 in the length field: a token's code is ``(L << 8) + value + _TOKEN_PREFIX[kind]``."""
 _FIVE = np.arange(5, dtype=np.int64)
 _WINDOW_SHIFTS = np.array([32, 24, 16, 8, 0], dtype=np.uint64)
 
@@ -103,9 +106,16 @@ def encode_rle(mask: np.ndarray) -> list[int]:
         raise ValueError(f"mask of shape {m.shape} is too large for brush RLE (2**32 values at most)")
 
     fg = (m != 0).ravel()
-    ends = np.append(np.flatnonzero(fg[1:] != fg[:-1]) + 1, fg.size)  # end of each run
-    lengths = np.diff(ends, prepend=0) * CHANNELS
-    values = (np.arange(ends.size) + int(fg[0])) % 2 * FOREGROUND_VALUE  # runs alternate
+    change = np.flatnonzero(fg[1:] != fg[:-1])
+    last = np.empty(change.size + 1, dtype=np.int64)  # last pixel of each run
+    last[:-1] = change
+    last[-1] = fg.size - 1
+    lengths = np.empty_like(last)
+    lengths[0] = last[0] + 1
+    np.subtract(last[1:], last[:-1], out=lengths[1:])
+    lengths *= CHANNELS
+    values = np.zeros_like(last)
+    values[0 if fg[0] else 1 :: 2] = FOREGROUND_VALUE  # runs alternate between the two values
     return _encode_runs(num, lengths, values)
 
 
@@ -130,8 +140,8 @@ def _encode_runs(num: int, lengths: np.ndarray, values: np.ndarray) -> list[int]
     kind = np.searchsorted(_KIND_LIMITS, lengths)
     # A run longer than 65 536 is split: the SDK writes (L - 1) // 65536 full tokens of 65536
     # and then the rest, 1..65536 long, still a 16-bit repeat (its kind is the run's).
-    extra = (lengths - 1) >> 16
-    if extra.any():
+    if int(lengths.max()) > _MAX_RUN:
+        extra = (lengths - 1) >> 16
         per_run = extra + 1
         run_of_token = np.repeat(np.arange(lengths.size), per_run)
         k = np.arange(run_of_token.size) - (np.cumsum(per_run) - per_run)[run_of_token]
@@ -140,10 +150,9 @@ def _encode_runs(num: int, lengths: np.ndarray, values: np.ndarray) -> list[int]
         kind, values = kind[run_of_token], values[run_of_token]
 
     # One code per token: flag, class, length field L - 1, then the 8-bit value.
-    codes = lengths - 1
-    codes <<= _WORD_SIZE
-    codes |= values
-    codes |= _TOKEN_PREFIX[kind]
+    codes = lengths << _WORD_SIZE
+    codes += values
+    codes += _TOKEN_PREFIX[kind]  # includes the - 1 of the length field
     return _pack_codes(num, codes.view(np.uint64), _TOKEN_BITS[kind]).tolist()
 
 

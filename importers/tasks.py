@@ -120,8 +120,9 @@ class TaskSync:
         with httpx.Client(base_url=self.base_url, headers=headers, timeout=120) as http:
             for start in range(0, len(pngs), 50):
                 chunk = pngs[start:start + 50]
-                files = [("file", (f"{p.parent.parent.parent.name}_{p.parent.name}_{p.name}", p.read_bytes(),
-                                   "image/png")) for p in chunk]
+                # Label Studio reads request.FILES by field name: one distinct field per file.
+                names = [f"{p.parent.parent.parent.name}_{p.parent.name}_{p.name}" for p in chunk]
+                files = [(name, (name, p.read_bytes(), "image/png")) for name, p in zip(names, chunk, strict=True)]
                 try:
                     response = http.post(f"/api/projects/{self.project_id}/import",
                                          params={"commit_to_project": "false"}, files=files)
@@ -245,7 +246,7 @@ class TaskSync:
     def _sync_predictions(self, task: Any, wanted: dict[str, Any], result: SyncResult) -> None:
         have = {}
         for prediction in getattr(task, "predictions", None) or []:
-            record = prediction if isinstance(prediction, dict) else prediction.dict()
+            record = prediction if isinstance(prediction, dict) else prediction.model_dump()
             version = record.get("model_version") or ""
             if version.startswith(IMPORTED_PREFIX):
                 have.setdefault(version, []).append(record)

@@ -59,7 +59,8 @@ def test_registration_recovers_the_known_motion(imported) -> None:
     # Check it over a 60×60×30 mm box around the tumour: within a pixel in-plane, and within half a
     # 5 mm slice along the normal (through-plane, registration of thick slices is less precise).
     centre = truth.anatomy.tumour_centre_lps
-    box = np.array([np.asarray(centre) + np.array([dx, dy, dz]) for dx in (-30, 30) for dy in (-30, 30) for dz in (-15, 15)])
+    offsets = [(dx, dy, dz) for dx in (-30, 30) for dy in (-30, 30) for dz in (-15, 15)]
+    box = np.asarray(centre) + np.asarray(offsets, float)
     points = np.c_[box, np.ones(len(box))]
     error = (points @ matrix.T - points @ truth.motion_matrix.T)[:, :3]
     along_normal = error @ truth.t1.normal
