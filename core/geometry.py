@@ -151,6 +151,17 @@ def read_nifti(path: str | os.PathLike[str]) -> Volume:
         raise SeriesError(f"{path}: {exc}") from exc
 
 
+def reorient_lps(volume: Volume) -> Volume:
+    """Permute and flip axes so x runs to patient Left, y to Posterior, z to Superior.
+
+    That is how DICOM viewers show an axial slice (patient's right on the screen's left); NIfTI
+    files are often stored the other way round (RAS), which would show mirror images to
+    annotators. Only axes are permuted and flipped, so no voxel is interpolated.
+    """
+    image = sitk.DICOMOrient(to_sitk(volume), "LPS")
+    return from_sitk(image)
+
+
 def write_nifti(volume: Volume, path: str | os.PathLike[str]) -> Path:
     """Write atomically: a reader never sees a half-written file, an old file survives a failure."""
     path = Path(path)

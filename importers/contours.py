@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 
 from core.errors import ContourError
-from core.geometry import Volume, grid_mismatches, read_nifti
+from core.geometry import Volume, grid_mismatches, read_nifti, reorient_lps
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def read_mask_nifti(path: Path, grid: Volume, roi: str) -> Contour:
     Raises:
         ContourError: the mask is not on the same grid as its image.
     """
-    volume = read_nifti(path)
+    volume = reorient_lps(read_nifti(path))  # images from NIfTI are reoriented the same way
     problems = grid_mismatches(volume, grid, atol_mm=DEFAULT_MASK_GRID_ATOL_MM)
     if problems:
         raise ContourError(f"{path}: mask is not on the grid of its image: " + "; ".join(problems))

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from core.case_store import check_roi_name
 from core.errors import ContourError, SeriesError
-from core.geometry import Volume, grid_mismatches, read_nifti
+from core.geometry import Volume, grid_mismatches, read_nifti, reorient_lps
 from importers.contours import DEFAULT_MASK_GRID_ATOL_MM, Contour, read_mask_nifti, read_rtstruct
 from importers.dicom import SeriesInfo, discover_series, read_series_volume
 from importers.sequences import describe_candidates, pick_series
@@ -101,9 +103,14 @@ def _dicom_source(modality: str, info: SeriesInfo) -> SourceSeries:
 
 
 def _nifti_source(modality: str, path: Path) -> SourceSeries:
-    volume = read_nifti(path)
+    stored = read_nifti(path)
+    if int(np.argmax(np.abs(stored.normal))) != 2:
+        log.warning("%s: not an axial acquisition (slice normal %s); showing axial slices of it",
+                    path, np.round(stored.normal, 3).tolist())
+    volume = reorient_lps(stored)
     return SourceSeries(modality=modality, volume=volume,
-                        source={"format": "nifti", "file": path.name, "native_grid": volume.grid_dict()})
+                        source={"format": "nifti", "file": path.name, "stored_grid": stored.grid_dict(),
+                                "native_grid": volume.grid_dict()})
 
 
 def _resolve_override(value: str, folder: Path, dicom: dict[str, SeriesInfo], modality: str) -> SeriesInfo | Path:
@@ -217,7 +224,7 @@ def _attach_nifti_masks(masks: list[Path], result: PatientSeries) -> None:
     for path in masks:
         named = _nifti_modality(path)
         candidates = [result.series[named]] if named in result.series else list(result.series.values())
-        volume_grid = read_nifti(path)
+        volume_grid = reorient_lps(read_nifti(path))
         matching = [s for s in candidates if not grid_mismatches(volume_grid, s.volume, DEFAULT_MASK_GRID_ATOL_MM)]
         if not matching:
             raise ContourError(
