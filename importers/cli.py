@@ -134,6 +134,8 @@ def _read_batch(path: Path) -> list[dict[str, str]]:
 @click.option("--data-dir", envvar="STS_DATA_DIR", type=click.Path(path_type=Path), show_envvar=True,
               help="Data directory holding the case store.")
 @click.option("--label-studio-url", envvar="LABEL_STUDIO_URL", default="http://127.0.0.1:8080", show_envvar=True)
+@click.option("--api-key-file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="File holding the Label Studio API token (instead of LABEL_STUDIO_API_KEY; never pass it inline).")
 @click.option("--project", envvar="STS_LS_PROJECT", default=DEFAULT_PROJECT_TITLE, show_envvar=True,
               help="Label Studio project title (created if missing).")
 @click.option("--serve", envvar="STS_IMAGE_SERVING", default="local-files", show_envvar=True,
@@ -146,8 +148,8 @@ def _read_batch(path: Path) -> list[dict[str, str]]:
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(patient_dir: Path | None, patient_id: str | None, tumor_type: str, tissue: str, anatomy: str,
          t1: str | None, t2: str | None, reference: str, affine: bool, interpolation: str, batch_csv: Path | None,
-         data_dir: Path | None, label_studio_url: str, project: str, serve: str, document_root: Path | None,
-         no_upload: bool, as_json: bool, quiet: bool, verbose: bool) -> None:
+         data_dir: Path | None, label_studio_url: str, api_key_file: Path | None, project: str, serve: str,
+         document_root: Path | None, no_upload: bool, as_json: bool, quiet: bool, verbose: bool) -> None:
     """Import a patient's axial T1 and T2 MRI (DICOM or NIfTI) into the case store and Label Studio.
 
     \b
@@ -155,7 +157,8 @@ def main(patient_dir: Path | None, patient_id: str | None, tumor_type: str, tiss
       import-patient /pacs/export/patient7 --patient-id STS-0007 \\
           --tumor-type myxofibrosarcoma --tissue Myxoid --anatomy thigh
 
-    The Label Studio token is read from LABEL_STUDIO_API_KEY (never pass secrets as flags).
+    The Label Studio token is read from LABEL_STUDIO_API_KEY or --api-key-file (never from the command
+    line, where other users of the machine could read it).
     """
     import os
 
@@ -168,11 +171,14 @@ def main(patient_dir: Path | None, patient_id: str | None, tumor_type: str, tiss
     if batch_csv is None and (patient_dir is None or not patient_id):
         raise click.UsageError("give PATIENT_DIR and --patient-id, or --batch CSV")
     try:
-        settings = Settings.from_env({**os.environ, "LABEL_STUDIO_URL": label_studio_url, "STS_LS_PROJECT": project,
-                                      "STS_IMAGE_SERVING": serve,
-                                      **({"STS_DATA_DIR": str(data_dir)} if data_dir else {}),
-                                      **({"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(document_root)}
-                                         if document_root else {})})
+        overrides = {"LABEL_STUDIO_URL": label_studio_url, "STS_LS_PROJECT": project, "STS_IMAGE_SERVING": serve}
+        if data_dir:
+            overrides["STS_DATA_DIR"] = str(data_dir)
+        if document_root:
+            overrides["LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"] = str(document_root)
+        if api_key_file:
+            overrides["LABEL_STUDIO_API_KEY"] = api_key_file.read_text().strip()
+        settings = Settings.from_env({**os.environ, **overrides})
         store = CaseStore(settings.require_data_dir())
         sync = _make_sync(settings, no_upload)
     except ProjectError as exc:

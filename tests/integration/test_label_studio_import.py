@@ -139,6 +139,19 @@ def test_local_files_outside_the_document_root_is_a_clear_error(phantom_patient,
     assert "document root" in " ".join(result.output.split())
 
 
+def test_token_from_a_file(phantom_patient, label_studio, tmp_path) -> None:
+    folder, _ = phantom_patient
+    token_file = tmp_path / "token"
+    token_file.write_text(label_studio.token + "\n")
+    args = [str(folder), "--patient-id", "PH-F", "--api-key-file", str(token_file), "--json"]
+    env = {"LABEL_STUDIO_URL": label_studio.url, "STS_LS_PROJECT": "STS token file",
+           "STS_DATA_DIR": str(label_studio.document_root / "data-token"),
+           "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(label_studio.document_root)}
+    result = CliRunner().invoke(main, args, env=env)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["tasks_created"] > 0
+
+
 def test_wrong_token_is_a_clear_error(phantom_patient, label_studio, tmp_path) -> None:
     folder, _ = phantom_patient
     result = CliRunner().invoke(main, [str(folder), "--patient-id", "PH-T", "--data-dir", str(tmp_path)], env={
