@@ -105,26 +105,34 @@ class CaseStore:
 
     @contextlib.contextmanager
     def staged_case(self, patient_id: str) -> Iterator[CaseLayout]:
-        """Yield an empty staging folder; on success it replaces the case, on error it vanishes.
-
-        The swap is two renames on one file system: ``case -> .old-*`` then
-        ``staging -> case``; a crash in between leaves both folders, never a mixed one.
-        """
-        final = self.case(patient_id).root
-        self.cases_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".staging-{patient_id}-", dir=self.cases_dir))
-        try:
+        """Yield an empty staging folder; on success it replaces the case, on error it vanishes."""
+        with staged_folder(self.case(patient_id).root) as staging:
             yield CaseLayout(staging)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        old = None
-        if final.exists():
-            old = self.cases_dir / f".old-{patient_id}-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-        os.replace(staging, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_folder(final: Path) -> Iterator[Path]:
+    """Build a folder beside ``final`` and swap it in only if the block succeeds.
+
+    The swap is two renames on one file system: ``final -> .old-*`` then ``staging -> final``;
+    a crash in between leaves both folders, never a mixed one. On error the staging folder is
+    removed and ``final`` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{final.name}-", dir=final.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+    os.replace(staging, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:

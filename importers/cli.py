@@ -74,7 +74,8 @@ def _summary(result: Any, console: Any) -> None:
 def _make_sync(settings: Any, no_upload: bool) -> Any:
     if no_upload:
         return None
-    from importers.tasks import TaskSync, connect, ensure_project
+    from core.ls_client import connect
+    from importers.tasks import TaskSync, ensure_project
 
     api_key = settings.require_api_key()
     client = connect(settings.label_studio_url, api_key)

@@ -23,13 +23,14 @@ from urllib.parse import quote
 import httpx
 import numpy as np
 from label_studio_sdk import LabelStudio
-from label_studio_sdk.core.api_error import ApiError
 
 from core.brush_rle import mask_to_brush_result
 from core.case_store import CaseLayout
 from core.errors import ConfigError, LabelStudioError
 from core.geometry import read_nifti
 from core.labeling import BRUSH_CONTROL, IMAGE_KEY, LABEL_CONFIG, roi_label
+from core.ls_client import call as _call
+from core.ls_client import find_project
 
 log = logging.getLogger(__name__)
 
@@ -47,29 +48,11 @@ class SyncResult:
     predictions_deleted: int = 0
 
 
-def _call(what: str, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run one SDK call, turning its errors into ``LabelStudioError`` that says what failed."""
-    try:
-        return func(*args, **kwargs)
-    except ApiError as exc:
-        body = exc.body if isinstance(exc.body, str) else json.dumps(exc.body)[:500]
-        raise LabelStudioError(f"Label Studio refused to {what}: HTTP {exc.status_code}: {body}") from exc
-    except httpx.HTTPError as exc:
-        raise LabelStudioError(f"cannot reach Label Studio to {what}: {exc}") from exc
-
-
-def connect(url: str, api_key: str) -> LabelStudio:
-    """A client, checked with one cheap authenticated request (fails early on a wrong token)."""
-    client = LabelStudio(base_url=url, api_key=api_key, timeout=60)
-    _call(f"authenticate at {url} (check LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)", client.users.whoami)
-    return client
-
-
 def ensure_project(client: LabelStudio, title: str) -> int:
     """The id of the project called ``title``, created with our labeling config if missing."""
-    for project in _call("list projects", client.projects.list, title=title):
-        if project.title == title:
-            return int(project.id)
+    existing = find_project(client, title)
+    if existing is not None:
+        return existing
     project = _call(f"create project {title!r}", client.projects.create, title=title, label_config=LABEL_CONFIG,
                     description="Soft-tissue tumour segmentation on axial MRI (imported by import-patient)")
     return int(project.id)
