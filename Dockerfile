@@ -1,5 +1,5 @@
-# The project's image: import-patient / export-volumes today; the ML backend and RQ workers
-# run from the same image (different commands) once they exist.
+# The project's image: import-patient, export-volumes, the ML backend (gunicorn backend.app:create_app())
+# and the RQ workers (sts-worker) run from it with different commands.
 FROM python:3.11-slim AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 RUN apt-get update && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 curl \
@@ -12,7 +12,7 @@ COPY importers ./importers
 COPY exporters ./exporters
 COPY backend ./backend
 COPY workers ./workers
-RUN pip install .
+RUN pip install ".[workers,backend]" && pip install --no-deps "label-studio-ml==1.0.9"
 USER sts
 ENV STS_DATA_DIR=/data
 VOLUME ["/data"]

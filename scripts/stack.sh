@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the stack on one machine without Docker, in the foreground (Ctrl-C stops it):
 #   Redis (the machine's, or one started here), Label Studio on 127.0.0.1:${STS_LS_PORT:-8080},
-#   then import a patient: the bundled phantom example (default) or --patient DIR.
+#   an RQ worker (sts-worker, CUDA if present else CPU), the ML backend on 127.0.0.1:${STS_BACKEND_PORT:-9090}
+#   connected to the project, then import a patient: the bundled phantom example (default) or --patient DIR.
 #
 #   ./scripts/stack.sh up [--patient DIR --patient-id ID] [--no-wait]
 #
@@ -61,7 +62,8 @@ env -u DEBUG -u PORT -u HOST -u USERNAME -u PASSWORD \
   setsid "$ls_bin" start --no-browser --internal-host 127.0.0.1 --port "$port" \
   > "$stack/label-studio.log" 2>&1 &
 ls_pid=$!
-trap 'kill -- -$ls_pid 2>/dev/null || true' EXIT INT TERM
+pids=("$ls_pid")
+trap 'for p in "${pids[@]}"; do kill -- -"$p" 2>/dev/null || true; done' EXIT INT TERM
 printf "starting Label Studio (log: %s)" "$stack/label-studio.log"
 for _ in $(seq 1 240); do
   curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
@@ -73,6 +75,14 @@ curl -fsS "http://127.0.0.1:$port/health" >/dev/null || { echo "Label Studio did
 
 export STS_DATA_DIR="$stack/data" LABEL_STUDIO_URL="http://127.0.0.1:$port" LABEL_STUDIO_API_KEY
 export LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT="$stack" STS_IMAGE_SERVING=local-files
+backend_port="${STS_BACKEND_PORT:-9090}"
+export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/0}"
+setsid .venv/bin/sts-worker > "$stack/worker.log" 2>&1 &
+pids+=("$!")
+setsid .venv/bin/sts-backend --host 127.0.0.1 --port "$backend_port" > "$stack/backend.log" 2>&1 &
+pids+=("$!")
+echo "started sts-worker (log: $stack/worker.log) and sts-backend on :$backend_port (log: $stack/backend.log)"
+
 if [[ -z "$patient" ]]; then
   patient="$stack/example"
   patient_id="${patient_id:-DEMO-0001}"
@@ -84,6 +94,28 @@ else
   .venv/bin/import-patient "$patient" --patient-id "$patient_id"
 fi
 
+# Connect the ML backend to the project (interactive), once.
+.venv/bin/python - "$backend_port" <<'PY'
+import os, sys, time
+import requests
+from core.ls_client import call, connect, find_project
+port = sys.argv[1]
+for _ in range(60):
+    try:
+        if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
+            break
+    except requests.RequestException:
+        pass
+    time.sleep(1)
+client = connect(os.environ["LABEL_STUDIO_URL"], os.environ["LABEL_STUDIO_API_KEY"])
+project = find_project(client, os.environ.get("STS_LS_PROJECT", "Soft-tissue tumours (MRI)"))
+url = f"http://127.0.0.1:{port}"
+if project is not None and not any(b.url.rstrip("/") == url for b in call("list ML backends", client.ml.list, project=project)):
+    call("connect the ML backend", client.ml.create, project=project, url=url, title="sts segmentation",
+         is_interactive=True)
+    print(f"connected the ML backend {url} to project {project}")
+PY
+
 cat <<MSG
 
 Label Studio: http://127.0.0.1:$port   login $LABEL_STUDIO_USERNAME / password in $stack/credentials.env
@@ -93,6 +125,6 @@ To import more patients in another shell:
     .venv/bin/import-patient DIR --patient-id ID
 MSG
 if [[ $wait_forever == 1 ]]; then
-  echo "Ctrl-C stops Label Studio."
+  echo "Ctrl-C stops Label Studio, the backend and the worker."
   wait "$ls_pid"
 fi

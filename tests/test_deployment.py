@@ -15,7 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_compose_runs_the_label_studio_version_we_test_against() -> None:
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"label-studio", "redis", "importer"} <= set(services)
+    assert {"label-studio", "redis", "importer", "backend", "worker"} <= set(services)
+    assert "backend.app:create_app()" in services["backend"]["command"]
+    assert services["worker"]["command"] == ["sts-worker"]
     assert services["label-studio"]["image"].endswith(f":{LS_VERSION}")
     for name, service in services.items():
         assert "healthcheck" in service or name == "importer", f"{name} has no healthcheck"

@@ -1,0 +1,225 @@
+"""Segmentation quality and latency of ``workers.segmentation`` on the 25 IBSI sarcoma patients.
+
+This is a DEVELOPMENT set (the prompting and propagation rules were tuned on it): report these
+figures as development figures, never as a held-out result.
+
+Data: ``ibsi-sts-t1/STS_xxx/{MR_T1_image,MR_T1_mask}.nii.gz`` from the shared data folder (T1 MRI,
+N4-corrected, ~0.98×0.98×3.27 mm, cropped 5 cm around the tumour; binary tumour mask). They derive
+from the TCIA collection "Soft-tissue-Sarcoma" (CC BY 3.0):
+Vallières M, Freeman CR, Skamene SR, El Naqa I. A radiomics model from joint FDG-PET and MRI texture
+features for the prediction of lung metastases in soft-tissue sarcomas of the extremities. The Cancer
+Imaging Archive (2015). DOI 10.7937/K9/TCIA.2015.7GO2GSKS. Never try to re-identify anyone.
+
+What is measured (all on CPU unless a GPU is visible):
+
+(a) ``segment_slice`` with the mask's bounding box grown by 5 px, every slice whose tumour area is
+    at least 20 px: mean / median Dice over slices.
+(b) the same with a loose box: +10 px each side, each side then moved uniformly by ±5 px (fixed seed).
+(c) clicks only: one positive click at the tumour's innermost pixel (maximum of the distance
+    transform: a centroid can fall outside a curved tumour).
+(d) ``propagate`` from the true mask of the slice with the largest tumour area: volume Dice per
+    patient and overall, next to a naive chain (box of the previous result + 5 px, stop when empty).
+(e) latency of ``segment_slice`` on CPU: first call on a slice (image encoder + decoder) and a
+    second call on the same slice (prompt encoder + decoder only), median milliseconds.
+
+Image embeddings are cached on disk (``~/.cache/sts-annotate/embeddings/<model version>/``, see
+``workers.segmentation.DiskEmbeddingCache``) so that re-runs take minutes, and fine-tuning can reuse
+them. Usage::
+
+    .venv/bin/python benchmarks/eval_segmentation.py [--patients N] [--parts abcde]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+DEFAULT_DATA_DIR = Path(os.environ.get("STS_SHARED_DATA", REPO_ROOT.parent / "shared" / "data")) / "ibsi-sts-t1"
+"""Where the IBSI patients are (``$STS_SHARED_DATA/ibsi-sts-t1``, else ``../shared/data/ibsi-sts-t1``)."""
+
+DEFAULT_EMBEDDING_DIR = Path("~/.cache/sts-annotate/embeddings")
+"""Root of the on-disk embedding cache (one sub-folder per model version)."""
+
+DEFAULT_MIN_AREA_PX = 20
+"""Slices with a smaller tumour area are left out of the 2-D figures (a 20 px box is a few clicks wide)."""
+
+DEFAULT_SEED = 0
+"""Seed of the loose-box jitter, so that two runs measure the same prompts."""
+
+
+def read_patient(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(image [z, y, x] float32, mask [z, y, x] bool)`` of one IBSI patient."""
+    import SimpleITK as sitk
+
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "MR_T1_image.nii.gz"))).astype(np.float32)
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "MR_T1_mask.nii.gz"))) > 0
+    return image, mask
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two bool arrays; 1 when both are empty."""
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def tight_box(mask: np.ndarray, pad: float) -> tuple[float, float, float, float]:
+    ys, xs = np.nonzero(mask)
+    return (xs.min() - pad, ys.min() - pad, xs.max() + pad, ys.max() + pad)
+
+
+def inner_point(mask: np.ndarray) -> tuple[int, int]:
+    """``(x, y)`` of the pixel farthest from the mask's border."""
+    distance = cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    return int(x), int(y)
+
+
+def naive_chain(segmenter, volume: np.ndarray, seed_index: int, seed_mask: np.ndarray) -> np.ndarray:
+    """The baseline: each slice prompted by the previous result's box + 5 px, stop when empty."""
+    out = np.zeros(volume.shape, bool)
+    out[seed_index] = seed_mask
+    for step in (1, -1):
+        previous, z = seed_mask, seed_index + step
+        while 0 <= z < len(volume) and previous.any():
+            previous = segmenter.segment(volume[z], box=tight_box(previous, 5))
+            out[z] = previous
+            z += step
+    return out
+
+
+def summary(values: list[float]) -> str:
+    array = np.asarray(values, dtype=float)
+    return f"mean {array.mean():.4f}  median {np.median(array):.4f}  (n = {array.size})"
+
+
+def evaluate_slices(segmenter, patients: list[tuple[str, np.ndarray, np.ndarray]], parts: str, seed: int) -> None:
+    """Parts (a), (b), (c): one prompt per slice, Dice per slice."""
+    rng = np.random.default_rng(seed)
+    scores: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+    for name, image, mask in patients:
+        started = time.perf_counter()
+        per_patient: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+        for z in np.nonzero(mask.reshape(len(mask), -1).sum(1) >= DEFAULT_MIN_AREA_PX)[0]:
+            truth = mask[z]
+            jitter = rng.uniform(-5, 5, 4)  # drawn for every slice, so (b) does not depend on --parts
+            if "a" in parts:
+                per_patient["a"].append(dice(segmenter.segment(image[z], box=tight_box(truth, 5)), truth))
+            if "b" in parts:
+                box = np.asarray(tight_box(truth, 10)) + jitter
+                per_patient["b"].append(dice(segmenter.segment(image[z], box=tuple(box)), truth))
+            if "c" in parts:
+                x, y = inner_point(truth)
+                per_patient["c"].append(dice(segmenter.segment(image[z], points=[(x, y, True)]), truth))
+        line = "  ".join(f"({k}) {np.mean(v):.3f}" for k, v in per_patient.items() if v)
+        print(f"  {name}: {line}  [{time.perf_counter() - started:.0f} s]", flush=True)
+        for key, values in per_patient.items():
+            scores[key].extend(values)
+    titles = {
+        "a": "(a) box = mask bounding box + 5 px",
+        "b": "(b) loose box: +10 px, each side ±5 px",
+        "c": "(c) one positive click at the innermost pixel",
+    }
+    for key in "abc":
+        if scores[key]:
+            print(f"{titles[key]}: Dice {summary(scores[key])}")
+
+
+def evaluate_propagation(segmenter, patients: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
+    """Part (d): volume Dice of ``propagate`` and of the naive chain, seeded on the largest slice."""
+    from workers.segmentation import propagate
+
+    ours, naive = [], []
+    for name, image, mask in patients:
+        seed_index = int(np.argmax(mask.reshape(len(mask), -1).sum(1)))
+        started = time.perf_counter()
+        result = propagate(image, seed_index, mask[seed_index], segmenter=segmenter)
+        seconds = time.perf_counter() - started
+        baseline = naive_chain(segmenter, image, seed_index, mask[seed_index])
+        ours.append(dice(result, mask))
+        naive.append(dice(baseline, mask))
+        truth_z = np.nonzero(mask.any(axis=(1, 2)))[0]
+        found_z = np.nonzero(result.any(axis=(1, 2)))[0]
+        print(
+            f"  {name}: propagate {ours[-1]:.3f}  naive {naive[-1]:.3f}  "
+            f"slices truth {truth_z.min()}-{truth_z.max()} found {found_z.min()}-{found_z.max()}  [{seconds:.0f} s]",
+            flush=True,
+        )
+    print(f"(d) propagate from the largest slice: volume Dice {summary(ours)}")
+    print(f"    naive chain (box of previous result + 5 px): volume Dice {summary(naive)}")
+
+
+def evaluate_latency(model, patients: list[tuple[str, np.ndarray, np.ndarray]], repeats: int = 5) -> None:
+    """Part (e): milliseconds of a first and a second ``segment`` call on fresh slices (memory cache only)."""
+    from workers.segmentation import SliceSegmenter
+
+    segmenter = SliceSegmenter(model=model)
+    name, image, mask = patients[0]
+    zs = np.nonzero(mask.reshape(len(mask), -1).sum(1) >= DEFAULT_MIN_AREA_PX)[0][:repeats]
+    first, cached = [], []
+    for z in zs:
+        box = tight_box(mask[z], 5)
+        started = time.perf_counter()
+        segmenter.segment(image[z], box=box)
+        first.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        segmenter.segment(image[z], box=tight_box(mask[z], 8))
+        cached.append(time.perf_counter() - started)
+    print(
+        f"(e) latency of segment_slice on {model.device} ({name}, {len(zs)} slices): "
+        f"first call {1000 * np.median(first):.0f} ms, cached call {1000 * np.median(cached):.0f} ms (median)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patients", type=int, default=None, help="only the first N patients (sorted by name)")
+    parser.add_argument("--parts", default="abcde", help="which figures to compute, e.g. 'ad' (default: abcde)")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--embedding-dir", type=Path, default=DEFAULT_EMBEDDING_DIR)
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from workers.models import load_litemedsam
+    from workers.segmentation import DiskEmbeddingCache, SliceSegmenter
+
+    torch.set_num_threads(2)
+    folders = sorted(p for p in args.data_dir.glob("STS_*") if p.is_dir())[: args.patients]
+    if not folders:
+        print(f"{args.data_dir}: no STS_* folders (set $STS_SHARED_DATA)", file=sys.stderr)
+        return 1
+    started = time.perf_counter()
+    model = load_litemedsam()
+    print(
+        f"DEVELOPMENT figures (not held-out): {len(folders)} IBSI STS T1 patients, {model.version}, "
+        f"device {model.device}\nData: TCIA Soft-tissue-Sarcoma (Vallières et al. 2015, "
+        "DOI 10.7937/K9/TCIA.2015.7GO2GSKS), CC BY 3.0",
+        flush=True,
+    )
+    cache = DiskEmbeddingCache(args.embedding_dir, model.version, max_entries=512)
+    segmenter = SliceSegmenter(model=model, cache=cache)
+    patients = [(folder.name, *read_patient(folder)) for folder in folders]
+    if set(args.parts) & set("abc"):
+        evaluate_slices(segmenter, patients, args.parts, args.seed)
+    if "d" in args.parts:
+        evaluate_propagation(segmenter, patients)
+    if "e" in args.parts:
+        evaluate_latency(model, patients)
+    print(f"image encoder runs: {segmenter.encoder_calls} (others from {cache.root}); "
+          f"total {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

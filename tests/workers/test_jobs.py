@@ -1,0 +1,222 @@
+"""Job functions called directly, as plain functions: no worker, and Label Studio replaced by a stub of
+the SDK's seam (``tasks.list``, ``predictions.create/delete``). The phantom case is imported into a
+temporary case store; the real LiteMedSAM runs on CPU for ``segment_interactive``."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+from rq import Queue, Retry, SimpleWorker
+from rq.registry import FailedJobRegistry
+
+import workers.segmentation
+from core.brush_rle import brush_result_to_mask, decode_rle, mask_to_brush_result
+from core.case_store import CaseStore
+from core.errors import AnnotationError, InputError
+from core.queues import INTERACTIVE_QUEUE, SEGMENT_INTERACTIVE_JOB
+from core.redis_store import STATUS_DONE, STATUS_NO_MODEL, PreannotationStore
+from importers.pipeline import ImportOptions, import_patient
+from workers.jobs import (
+    PROPAGATED_PREFIX,
+    preannotate_case,
+    propagate_annotation,
+    propagation_range,
+    seed_mask,
+    segment_interactive,
+)
+
+CASE = "PH-JOBS"
+SEED = 13
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    return 2.0 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+
+
+@pytest.fixture(scope="module")
+def case(phantom_patient, tmp_path_factory) -> tuple[Path, np.ndarray]:
+    """``(data_dir, truth[z, y, x])``: the phantom imported without Label Studio."""
+    folder, truth = phantom_patient
+    data_dir = tmp_path_factory.mktemp("jobs-data")
+    import_patient(folder, ImportOptions(CASE, tissue="Myxoid"), CaseStore(data_dir), sync=None)
+    return data_dir, truth.t1.array.astype(bool)
+
+
+def truth_box(mask: np.ndarray, margin: int = 3) -> list[float]:
+    ys, xs = np.nonzero(mask)
+    return [float(xs.min() - margin), float(ys.min() - margin), float(xs.max() + margin), float(ys.max() + margin)]
+
+
+# ------------------------------------------------------------------------------------- interactive
+
+
+def test_box_prompt_segments_the_tumour(case) -> None:
+    data_dir, truth = case
+    out = segment_interactive(CASE, "T2", SEED, box=truth_box(truth[SEED]), data_dir=data_dir)
+    assert set(out) >= {"rle", "height", "width", "score", "model_version", "elapsed_ms", "result"}
+    assert (out["height"], out["width"]) == truth.shape[1:]
+    mask = decode_rle(out["rle"], out["height"], out["width"])
+    np.testing.assert_array_equal(brush_result_to_mask(out["result"]), mask)
+    assert out["result"]["from_name"] == "tumor" and out["result"]["value"]["brushlabels"] == ["Tumor"]
+    assert out["model_version"].startswith("litemedsam") and out["elapsed_ms"] > 0
+    score = dice(mask, truth[SEED])
+    print(f"\nbox prompt on the phantom, slice {SEED}: Dice {score:.3f}")
+    assert score > 0.85
+
+
+def test_clicks_alone_segment_the_tumour(case) -> None:
+    data_dir, truth = case
+    ys, xs = np.nonzero(truth[SEED])
+    out = segment_interactive(CASE, "T2", SEED, points=[[float(xs.mean()), float(ys.mean()), True]], data_dir=data_dir)
+    score = dice(decode_rle(out["rle"], out["height"], out["width"]), truth[SEED])
+    print(f"\none click on the phantom, slice {SEED}: Dice {score:.3f}")
+    assert score > 0.6
+
+
+@pytest.mark.parametrize(("case_id", "z", "box", "fragment"), [
+    (CASE, 99, [10, 10, 50, 50], "no such slice"),
+    ("PH-NOPE", 3, [10, 10, 50, 50], "no such slice"),
+    (CASE, 3, [500, 500, 600, 600], "outside"),
+    (CASE, 3, [10, 10, 10, 50], "zero width"),
+])
+def test_bad_input_is_an_input_error(case, case_id: str, z: int, box, fragment: str) -> None:
+    data_dir, _ = case
+    with pytest.raises(InputError, match=fragment):
+        segment_interactive(case_id, "T2", z, box=box, data_dir=data_dir)
+
+
+def test_input_errors_are_not_retried_by_rq(case, redis_db, monkeypatch) -> None:
+    data_dir, _ = case
+    monkeypatch.setenv("STS_DATA_DIR", str(data_dir))
+    queue = Queue(INTERACTIVE_QUEUE, connection=redis_db)
+    job = queue.enqueue_call(SEGMENT_INTERACTIVE_JOB, kwargs={"case_id": CASE, "modality": "T2", "slice_index": 99,
+                                                              "box": [1, 1, 9, 9]}, retry=Retry(max=3))
+    SimpleWorker([queue], connection=redis_db).work(burst=True, with_scheduler=False)
+    job.refresh()
+    assert job.is_failed and job.retries_left == 0
+    assert job.id in FailedJobRegistry(INTERACTIVE_QUEUE, connection=redis_db).get_job_ids()
+    assert "no such slice" in job.latest_result().exc_string
+
+
+# ---------------------------------------------------------------------------------- pre-annotation
+
+
+def test_without_an_automatic_model_the_case_gets_a_clear_status(case, redis_db) -> None:
+    data_dir, _ = case
+    out = preannotate_case(CASE, "T2", "sts-initial", data_dir=data_dir, connection=redis_db)
+    assert out["status"] == STATUS_NO_MODEL and "no automatic model" in out["reason"]
+    status = PreannotationStore(redis_db).status("sts-initial", CASE, "T2")
+    assert status["status"] == STATUS_NO_MODEL
+    assert 0 < redis_db.ttl(f"sts:pre-status:sts-initial:{CASE}:T2") <= 3600
+
+
+def test_automatic_masks_are_stored_for_every_slice(case, redis_db, monkeypatch) -> None:
+    data_dir, truth = case
+    monkeypatch.setattr(workers.segmentation, "segment_volume", lambda volume, spacing=None: truth.copy())
+    out = preannotate_case(CASE, "T1", "unet-7", data_dir=data_dir, connection=redis_db)
+    assert out["status"] == STATUS_DONE and out["slices"] == truth.shape[0]
+    assert out["slices_with_tumour"] == int(truth.any(axis=(1, 2)).sum())
+    found, statuses = PreannotationStore(redis_db).lookup("unet-7", [(CASE, "T1", z) for z in range(truth.shape[0])])
+    assert statuses[(CASE, "T1")]["status"] == STATUS_DONE
+    assert len(found) == truth.shape[0]
+    np.testing.assert_array_equal(brush_result_to_mask(found[(CASE, "T1", SEED)]["result"][0]), truth[SEED])
+    assert found[(CASE, "T1", 0)]["result"] == []
+
+
+# ------------------------------------------------------------------------------------- propagation
+
+
+def test_propagation_range_stops_before_annotated_slices() -> None:
+    assert propagation_range(13, {8, 13, 16}, 24) == (9, 15)
+    assert propagation_range(13, {13}, 24) == (0, 23)
+    assert propagation_range(0, {0, 1}, 24) == (0, 0)
+
+
+def test_seed_of_the_wrong_size_is_an_annotation_error() -> None:
+    brush = mask_to_brush_result(np.ones((10, 12), bool), from_name="tumor", to_name="image", label="Tumor")
+    with pytest.raises(AnnotationError, match="12×10"):
+        seed_mask([brush], (192, 192))
+    with pytest.raises(AnnotationError, match="no brush result"):
+        seed_mask([], (192, 192))
+
+
+class FakeLabelStudio:
+    """The SDK calls propagation makes, over an in-memory project. ``listings[i]`` is what the i-th
+    ``tasks.list`` returns (the last one repeats), so a test can change the tasks between the first and
+    the second listing, as someone annotating meanwhile would."""
+
+    def __init__(self, listings: list[list[SimpleNamespace]]) -> None:
+        self.log: list[tuple] = []
+        ids = itertools.count(1000)
+        log = self.log
+        listed = itertools.chain(listings, itertools.repeat(listings[-1]))
+
+        class Tasks:
+            def list(self, **kwargs: Any):
+                log.append(("list", kwargs["project"]))
+                return iter(next(listed))
+
+        class Predictions:
+            def create(self, task: int, result: list, model_version: str, **kwargs: Any):
+                log.append(("create", task, model_version))
+                return SimpleNamespace(id=next(ids))
+
+            def delete(self, id: int):
+                log.append(("delete", id))
+
+        self.tasks, self.predictions = Tasks(), Predictions()
+
+
+def ls_task(z: int, annotated: bool = False, predictions: list | None = None, modality: str = "T2") -> SimpleNamespace:
+    return SimpleNamespace(id=100 + z, data={"case_id": CASE, "modality": modality, "slice_index": z},
+                           annotations=[{"id": z, "was_cancelled": False, "result": []}] if annotated else [],
+                           predictions=predictions or [])
+
+
+def test_propagation_writes_neighbours_without_human_annotations(case, monkeypatch) -> None:
+    data_dir, truth = case
+    calls = []
+
+    def propagate(volume, seed_index, seed):
+        calls.append((volume.shape, seed_index, int(seed.sum())))
+        return truth[9:16].copy()
+
+    monkeypatch.setattr(workers.segmentation, "propagate", propagate, raising=False)
+    old = {"id": 900, "model_version": PROPAGATED_PREFIX + "old", "result": []}
+    imported = {"id": 901, "model_version": "imported-GTV", "result": []}
+    tasks = [ls_task(z, annotated=z in (8, 16), predictions=[old] if z == 10 else [imported] if z == 15 else None)
+             for z in range(truth.shape[0])]
+    seed_brush = mask_to_brush_result(truth[SEED], from_name="tumor", to_name="image", label="Tumor")
+    client = FakeLabelStudio([tasks])
+    out = propagate_annotation(3, 113, CASE, "T2", SEED, [seed_brush], annotation_id=5, data_dir=data_dir,
+                               client=client)
+    assert calls == [((7, *truth.shape[1:]), SEED - 9, int(truth[SEED].sum()))]  # slices 9..15 only
+    assert out["range"] == [9, 15] and out["written"] == 6 and out["deleted"] == 1
+    assert out["model_version"].startswith(PROPAGATED_PREFIX + "litemedsam")
+    created = [e[1] for e in client.log if e[0] == "create"]
+    assert created == [100 + z for z in (9, 10, 11, 12, 14, 15)]
+    # The old propagated prediction on slice 10 is deleted only after its replacement exists;
+    # the imported contour on slice 15 is left alone.
+    assert client.log.index(("delete", 900)) > client.log.index(("create", 110, out["model_version"]))
+    assert ("delete", 901) not in client.log
+
+
+def test_a_slice_annotated_during_propagation_is_left_alone(case, monkeypatch) -> None:
+    data_dir, truth = case
+    monkeypatch.setattr(workers.segmentation, "propagate", lambda volume, seed_index, seed: truth.copy(),
+                        raising=False)
+    before = [ls_task(z) for z in range(truth.shape[0])]
+    after = [ls_task(z, annotated=z == 12) for z in range(truth.shape[0])]
+    seed_brush = mask_to_brush_result(truth[SEED], from_name="tumor", to_name="image", label="Tumor")
+    client = FakeLabelStudio([before, after])
+    out = propagate_annotation(3, 113, CASE, "T2", SEED, [seed_brush], data_dir=data_dir, client=client)
+    assert out["skipped_annotated"] == 1
+    created = {e[1] for e in client.log if e[0] == "create"}
+    assert 112 not in created
+    assert created == {100 + z for z in range(truth.shape[0]) if truth[z].any() and z not in (12, SEED)}

@@ -1,0 +1,706 @@
+"""Prompted 2-D segmentation with LiteMedSAM, slice-to-slice propagation, and automatic segmentation.
+
+Public API (used by the RQ jobs, the ML backend's workers, tests and evaluation; keep the signatures):
+
+- ``segment_slice(image, box=None, points=None)``: one slice ``[y, x]``, a box and/or clicks →
+  bool mask ``[y, x]``.
+- ``propagate(volume, seed_index, seed_mask)``: one annotated slice of ``volume[z, y, x]`` → a
+  mask of the whole tumour, slice by slice outwards from the seed until the tumour ends.
+- ``segment_volume(volume, spacing=None)``: automatic segmentation; raises
+  ``NoAutomaticModelError`` until a 2.5-D model is trained and registered.
+- ``SliceSegmenter``: the model plus an LRU cache of image embeddings, so that a second prompt on
+  the same slice costs only the prompt encoder and mask decoder (the encoder is ~95 % of the time).
+
+Coordinates are pixels of the slice as given: ``x`` is the column, ``y`` the row, boxes are
+``(x0, y0, x1, y1)`` with ``x0 <= x1`` and ``y0 <= y1`` (a mask's box is ``(min col, min row,
+max col, max row)``, as LiteMedSAM was trained). Each function picks CUDA when available, else CPU,
+and loads the model once per process (``workers.models.load_litemedsam``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from core.errors import InputError, ProjectError
+from workers.models.litemedsam import LiteMedSAM, ModelFrame, load_litemedsam, preprocess_slice
+
+DEFAULT_EMBEDDING_CACHE_SIZE = 256
+"""Image embeddings kept per process (float16, 2 MiB each: 512 MiB at most); a few cases' slices."""
+
+DEFAULT_CPU_THREADS = 2
+"""Torch threads on CPU: this project's machines have few cores, shared with other work."""
+
+DEFAULT_BOX_KEEP_MARGIN_PX = 0.15
+"""Connected components of a box-prompted mask are kept when they overlap the box grown by this
+fraction of its size on each side; the rest are leaks into neighbouring structures."""
+
+DEFAULT_POINT_BOX_HALF_SIDES_PX = (12.0, 20.0, 30.0, 45.0)
+"""Points only: candidate half-sides (px, in the slice) of boxes centred on the positive clicks."""
+
+
+class NoAutomaticModelError(ProjectError):
+    """No automatic (prompt-free) segmentation model is registered yet."""
+
+
+Box = tuple[float, float, float, float]
+Point = tuple[float, float, bool]
+
+
+# --------------------------------------------------------------------------------------- validation
+
+
+def as_slice(image: Any) -> np.ndarray:
+    """A numeric 2-D ``[y, x]`` array; RGB(A) images ``[y, x, 3|4]`` become grey (channel mean).
+
+    Raises:
+        InputError: not 2-D, empty, not numeric, or containing NaN/inf.
+    """
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[2] in (1, 3, 4):
+        array = array[..., :3].mean(axis=2) if array.shape[2] > 1 else array[..., 0]
+    if array.ndim != 2:
+        raise InputError(f"a slice must be a 2-D [y, x] array, got shape {array.shape}")
+    if array.size == 0 or min(array.shape) < 2:
+        raise InputError(f"a slice must be at least 2×2 pixels, got shape {array.shape}")
+    if array.dtype == bool or not np.issubdtype(array.dtype, np.number):
+        raise InputError(f"a slice must be numeric, got dtype {array.dtype}")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise InputError("the slice contains NaN or infinite values")
+    return array
+
+
+def check_box(box: Any, shape: tuple[int, int]) -> np.ndarray | None:
+    """``(x0, y0, x1, y1)`` clipped to the image, as float32; None stays None.
+
+    Raises:
+        InputError: not four finite numbers, reversed corners, zero width or height, or no overlap
+            with the ``shape = (height, width)`` image.
+    """
+    if box is None:
+        return None
+    try:
+        values = np.asarray(box, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"box must be 4 numbers (x0, y0, x1, y1), got {box!r}") from exc
+    if values.size != 4 or not np.isfinite(values).all():
+        raise InputError(f"box must be 4 finite numbers (x0, y0, x1, y1), got {box!r}")
+    x0, y0, x1, y1 = values
+    if x1 < x0 or y1 < y0:
+        raise InputError(f"box {tuple(values.tolist())} has x1 < x0 or y1 < y0: expected (x0, y0, x1, y1)")
+    if x1 == x0 or y1 == y0:
+        raise InputError(f"box {tuple(values.tolist())} has zero width or height")
+    height, width = shape
+    if x1 < 0 or y1 < 0 or x0 > width - 1 or y0 > height - 1:
+        raise InputError(f"box {tuple(values.tolist())} lies outside the {width}×{height} (x × y) image")
+    clipped = np.array([max(x0, 0), max(y0, 0), min(x1, width - 1), min(y1, height - 1)], np.float32)
+    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+        raise InputError(f"box {tuple(values.tolist())} has zero size inside the {width}×{height} image")
+    return clipped
+
+
+def check_points(points: Any, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
+    """``[(x, y, is_positive), ...]`` → coordinates ``[P, 2]`` float32 and labels ``[P]`` (1/0).
+
+    Raises:
+        InputError: malformed entries, or a point outside the ``(height, width)`` image (a click is
+            not clipped: moved, it would mean something else).
+    """
+    if points is None:
+        return None
+    points = list(points)
+    if not points:
+        return None
+    coords, labels = [], []
+    height, width = shape
+    for point in points:
+        try:
+            x, y, positive = point
+            x, y = float(x), float(y)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"a point must be (x, y, is_positive), got {point!r}") from exc
+        if not (np.isfinite(x) and np.isfinite(y)):
+            raise InputError(f"point {point!r} is not finite")
+        if not (-0.5 <= x <= width - 0.5 and -0.5 <= y <= height - 0.5):
+            raise InputError(f"point ({x}, {y}) lies outside the {width}×{height} (x × y) image")
+        coords.append((min(max(x, 0.0), width - 1.0), min(max(y, 0.0), height - 1.0)))
+        labels.append(1 if bool(positive) else 0)
+    return np.asarray(coords, np.float32), np.asarray(labels, np.int64)
+
+
+# ----------------------------------------------------------------------------------- post-processing
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Background regions not connected to the image border become foreground (a tumour has no holes
+    in a slice: necrosis and cysts are part of the GTV)."""
+    background = (~mask).astype(np.uint8)
+    _, labels = cv2.connectedComponents(background, connectivity=4)
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    holes = ~np.isin(labels, border) & (labels > 0)
+    return mask | holes
+
+
+def keep_components(mask: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """Only the 8-connected components of ``mask`` that overlap ``region`` (bool, same shape)."""
+    n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    if n <= 2:
+        return mask.copy()
+    keep = np.unique(labels[region & mask])
+    keep = keep[keep > 0]
+    return np.isin(labels, keep)
+
+
+def box_region(box: np.ndarray, shape: tuple[int, int], margin: float) -> np.ndarray:
+    """Bool ``[y, x]`` mask of ``box`` grown by ``margin`` × its size on each side."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    dx, dy = margin * (x1 - x0), margin * (y1 - y0)
+    region = np.zeros(shape, bool)
+    ys = slice(max(0, int(np.floor(y0 - dy))), int(np.ceil(y1 + dy)) + 1)
+    xs = slice(max(0, int(np.floor(x0 - dx))), int(np.ceil(x1 + dx)) + 1)
+    region[ys, xs] = True
+    return region
+
+
+def mask_box(mask: np.ndarray) -> np.ndarray | None:
+    """``(x0, y0, x1, y1)`` of a bool mask (min/max column and row), None when empty."""
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        return None
+    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
+
+
+# ------------------------------------------------------------------------------------ the segmenter
+
+
+@dataclass(frozen=True)
+class EmbeddedSlice:
+    """A slice's image embedding ``[1, 256, 64, 64]`` and where the slice lies in the model frame."""
+
+    embedding: torch.Tensor
+    frame: ModelFrame
+    key: str
+
+
+class EmbeddingCache:
+    """A bounded LRU map from an embedding key to a float16 embedding ``[1, 256, 64, 64]`` (CPU).
+
+    Float16 halves the memory (2 MiB per slice); the decoder always sees the value read back from the
+    cache, so a first and a second prompt on a slice give identical masks.
+    """
+
+    def __init__(self, max_entries: int = DEFAULT_EMBEDDING_CACHE_SIZE) -> None:
+        self.max_entries = max_entries
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+    def get(self, key: str) -> torch.Tensor | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: str, embedding: torch.Tensor) -> torch.Tensor:
+        """Store (as float16 on CPU) and return the stored value."""
+        stored = embedding.detach().to("cpu", torch.float16).reshape(1, *embedding.shape[-3:]).contiguous()
+        with self._lock:
+            self._items[key] = stored
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
+        return stored
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+class DiskEmbeddingCache(EmbeddingCache):
+    """An ``EmbeddingCache`` that also keeps every embedding on disk, for evaluation and fine-tuning.
+
+    Files are ``<root>/<model version>/<key[:2]>/<key>.npz`` (float16 ``embedding [256, 64, 64]``),
+    content-addressed by the same key as the memory cache, so a changed preprocessing or model can
+    never serve a stale embedding. Writes are atomic (a reader never sees half a file).
+    """
+
+    def __init__(self, root: str | os.PathLike[str], model_version: str, max_entries: int = 1024) -> None:
+        super().__init__(max_entries)
+        self.root = Path(root).expanduser() / model_version
+
+    def path_for(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.npz"
+
+    def get(self, key: str) -> torch.Tensor | None:
+        value = super().get(key)
+        if value is not None:
+            return value
+        path = self.path_for(key)
+        if not path.is_file():
+            return None
+        with np.load(path) as data:
+            embedding = torch.from_numpy(data["embedding"])
+        self.misses -= 1
+        self.hits += 1
+        return super().put(key, embedding)
+
+    def put(self, key: str, embedding: torch.Tensor) -> torch.Tensor:
+        stored = super().put(key, embedding)
+        path = self.path_for(key)
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".npz", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    np.savez(handle, embedding=stored[0].numpy())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        return stored
+
+
+def embedding_key(model_input: np.ndarray, model_version: str) -> str:
+    """SHA-1 of the preprocessed 256×256 network input and the weights' version."""
+    digest = hashlib.sha1(model_version.encode())
+    digest.update(np.ascontiguousarray(model_input, dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+class SliceSegmenter:
+    """LiteMedSAM plus an embedding cache: what a worker keeps resident to answer prompts fast.
+
+    >>> seg = SliceSegmenter()                     # doctest: +SKIP
+    >>> mask = seg.segment(image, box=(40, 30, 90, 80))   # doctest: +SKIP
+
+    Attributes:
+        encoder_calls: slices run through the image encoder so far (cache misses), for tests/metrics.
+    """
+
+    def __init__(
+        self,
+        model: LiteMedSAM | None = None,
+        device: torch.device | str | None = None,
+        cache_size: int = DEFAULT_EMBEDDING_CACHE_SIZE,
+        cache: EmbeddingCache | None = None,
+        box_keep_margin: float | None = DEFAULT_BOX_KEEP_MARGIN_PX,
+    ) -> None:
+        self._model = model
+        self._device = torch.device(device) if device is not None else None
+        self.cache = cache if cache is not None else EmbeddingCache(cache_size)
+        self.box_keep_margin = box_keep_margin
+        self.encoder_calls = 0
+
+    @property
+    def model(self) -> LiteMedSAM:
+        """The model, loaded on first use (so constructing a segmenter is cheap)."""
+        if self._model is None:
+            if (self._device is None or self._device.type == "cpu") and torch.get_num_threads() > DEFAULT_CPU_THREADS:
+                torch.set_num_threads(DEFAULT_CPU_THREADS)
+            self._model = load_litemedsam(self._device)
+        return self._model
+
+    # ------------------------------------------------------------------------------- embeddings
+
+    def prepare(self, image: Any) -> tuple[np.ndarray, np.ndarray, ModelFrame, str]:
+        """Validated slice, its network input ``[256, 256]``, its frame and its embedding key."""
+        array = as_slice(image)
+        model_input, frame = preprocess_slice(array)
+        return array, model_input, frame, embedding_key(model_input, self.model.version)
+
+    def embed(self, image: Any) -> EmbeddedSlice:
+        """The slice's image embedding, from the cache or computed (and cached)."""
+        return self.embed_many([image])[0]
+
+    def embed_many(self, images: Sequence[Any], batch_size: int = 8) -> list[EmbeddedSlice]:
+        """Embeddings of several slices; the cache misses go through the encoder in batches (GPU)."""
+        prepared = [self.prepare(image)[1:] for image in images]
+        found: dict[str, torch.Tensor] = {}
+        missing: dict[str, np.ndarray] = {}
+        for model_input, _, key in prepared:
+            cached = self.cache.get(key) if key not in found else found[key]
+            if cached is not None:
+                found[key] = cached
+            else:
+                missing[key] = model_input
+        keys = list(missing)
+        for start in range(0, len(keys), batch_size):
+            chunk = keys[start : start + batch_size]
+            batch = torch.from_numpy(np.stack([missing[k] for k in chunk]))[:, None].expand(-1, 3, -1, -1)
+            with torch.inference_mode():
+                embeddings = self.model.embed(batch)
+            self.encoder_calls += len(chunk)
+            for key, embedding in zip(chunk, embeddings, strict=True):
+                found[key] = self.cache.put(key, embedding)
+        return [EmbeddedSlice(found[key], frame, key) for _, frame, key in prepared]
+
+    # --------------------------------------------------------------------------------- decoding
+
+    def decode(
+        self,
+        embedded: EmbeddedSlice,
+        boxes: np.ndarray | None = None,
+        points: tuple[np.ndarray, np.ndarray] | None = None,
+        mask_logits: np.ndarray | None = None,
+        multimask: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Logits on the slice's own grid for N prompts on one embedded slice.
+
+        Args:
+            embedded: from ``embed``.
+            boxes: ``[N, 4]`` boxes in slice pixels (already validated).
+            points: coordinates ``[N, P, 2]`` in slice pixels and labels ``[N, P]`` (1/0).
+            mask_logits: ``[N, 256, 256]`` model-frame logits of a previous prediction (SAM's mask prompt).
+            multimask: SAM's three candidates per prompt instead of one.
+
+        Returns:
+            Logits ``[N, C, height, width]`` (float32; > 0 is inside) and predicted IoUs ``[N, C]``.
+        """
+        frame = embedded.frame
+        device = self.model.device
+        box_t = None if boxes is None else torch.from_numpy(frame.to_model(boxes).reshape(-1, 4)).to(device)
+        point_t = None
+        if points is not None:
+            coords, labels = points
+            point_t = (
+                torch.from_numpy(frame.to_model(coords).reshape(len(coords), -1, 2)).to(device),
+                torch.as_tensor(labels, dtype=torch.int64, device=device).reshape(len(coords), -1),
+            )
+        mask_t = None if mask_logits is None else torch.from_numpy(np.asarray(mask_logits, np.float32))[:, None]
+        with torch.inference_mode():
+            logits, iou = self.model.decode(
+                embedded.embedding,
+                boxes=box_t,
+                points=point_t,
+                mask_logits=None if mask_t is None else mask_t.to(device),
+                multimask=multimask,
+            )
+            image_logits = frame.logits_to_image(logits)
+        return image_logits.cpu().numpy(), iou.cpu().numpy()
+
+    def postprocess(self, logits: np.ndarray, box: np.ndarray | None) -> np.ndarray:
+        """Threshold at 0 (probability 0.5), fill holes, drop components away from the box."""
+        mask = logits > 0
+        if not mask.any():
+            return mask
+        if box is not None and self.box_keep_margin is not None:
+            mask = keep_components(mask, box_region(box, mask.shape, self.box_keep_margin))
+        return fill_holes(mask)
+
+    # --------------------------------------------------------------------------------- prompts
+
+    def segment(self, image: Any, box: Any = None, points: Any = None) -> np.ndarray:
+        """Bool mask ``[y, x]`` of the object the box and/or clicks point at (see ``segment_slice``)."""
+        array = as_slice(image)
+        shape = array.shape
+        box_px = check_box(box, shape)
+        point_px = check_points(points, shape)
+        if box_px is None:
+            if point_px is None or not point_px[1].any():
+                raise InputError("a box or at least one positive point (x, y, True) is needed")
+            return self._segment_points(array, point_px)
+        embedded = self.embed(array)
+        logits, _ = self.decode(
+            embedded,
+            boxes=box_px[None],
+            points=None if point_px is None else (point_px[0][None], point_px[1][None]),
+        )
+        return self.postprocess(logits[0, 0], box_px)
+
+    def _segment_points(self, image: np.ndarray, points: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """Clicks only: LiteMedSAM was trained with boxes, so boxes of several sizes are tried around the
+        positive clicks (with the clicks) and the one the model rates best is kept."""
+        coords, labels = points
+        embedded = self.embed(image)
+        boxes = point_boxes(coords[labels == 1], image.shape, DEFAULT_POINT_BOX_HALF_SIDES_PX)
+        n = len(boxes)
+        logits, iou = self.decode(
+            embedded, boxes=boxes, points=(np.repeat(coords[None], n, 0), np.repeat(labels[None], n, 0))
+        )
+        best = int(np.argmax(iou[:, 0]))
+        return self.postprocess(logits[best, 0], boxes[best])
+
+    def segment_many(self, images: Sequence[Any], boxes: Sequence[Any]) -> list[np.ndarray]:
+        """Box-prompted masks for many slices at once: the encoder runs batched (GPU pre-annotation)."""
+        if len(images) != len(boxes):
+            raise InputError(f"segment_many needs one box per image, got {len(images)} images, {len(boxes)} boxes")
+        arrays = [as_slice(image) for image in images]
+        checked = [check_box(box, array.shape) for array, box in zip(arrays, boxes, strict=True)]
+        for index, box in enumerate(checked):
+            if box is None:
+                raise InputError(f"segment_many: image {index} has no box")
+        embedded = self.embed_many(arrays)
+        masks = []
+        for item, box in zip(embedded, checked, strict=True):
+            logits, _ = self.decode(item, boxes=box[None])
+            masks.append(self.postprocess(logits[0, 0], box))
+        return masks
+
+
+def point_boxes(positive_xy: np.ndarray, shape: tuple[int, int], half_sides: Sequence[float]) -> np.ndarray:
+    """Candidate boxes ``[K, 4]``: the positive clicks' bounding box grown by each half-side, clipped."""
+    height, width = shape
+    x0, y0 = positive_xy.min(axis=0)
+    x1, y1 = positive_xy.max(axis=0)
+    boxes = []
+    for half in half_sides:
+        box = [max(0.0, x0 - half), max(0.0, y0 - half), min(width - 1.0, x1 + half), min(height - 1.0, y1 + half)]
+        boxes.append(box)
+    return np.asarray(boxes, np.float32)
+
+
+# ----------------------------------------------------------------------------------- propagation
+
+
+@dataclass(frozen=True)
+class PropagationSettings:
+    """How ``propagate`` prompts each next slice and decides that the tumour has ended.
+
+    Attributes:
+        box_margin_px: the previous slice's mask box is grown by this much (px) to prompt the next.
+        max_shift_px: the new mask is cut to the previous mask dilated by this much: between slices
+            3-5 mm apart a tumour's outline moves a few pixels, a leak into a neighbour moves more.
+        min_area_px: stop when the new mask is smaller than this.
+        min_seed_area_fraction: ... or smaller than this fraction of the seed's area.
+        min_overlap: stop when less than this fraction of the (uncut) new mask lies inside the
+            previous mask dilated by ``max_shift_px`` (the model jumped to another structure).
+        max_growth: stop when the new mask is more than this times the previous one's area.
+        min_likeness: stop when fewer than this fraction of the new mask's embedding cells are closer
+            (cosine) to the seed tumour's mean embedding than to the seed's surroundings' (a ring of
+            ``ring_px`` around the seed mask): the model outlined something that does not look like
+            the tumour the annotator drew.
+        ring_px: width of that ring.
+    """
+
+    box_margin_px: float = 3.0
+    max_shift_px: float | None = 5.0
+    min_area_px: int = 10
+    min_seed_area_fraction: float = 0.0
+    min_overlap: float = 0.0
+    max_growth: float = float("inf")
+    min_likeness: float = 0.7
+    ring_px: float = 10.0
+
+
+DEFAULT_PROPAGATION = PropagationSettings()
+"""The settings ``propagate`` uses unless told otherwise (measured in benchmarks/eval_segmentation.py)."""
+
+
+@dataclass
+class PropagationStep:
+    """What happened on one slice (for logging and tuning)."""
+
+    index: int
+    area_px: int
+    kept: bool
+    reason: str = ""
+    overlap: float = 1.0
+    score: float = 0.0
+    likeness: float = 1.0
+
+
+class _Prototypes:
+    """Mean image-embedding vectors of the seed tumour and of its surroundings, to compare masks with."""
+
+    def __init__(self, embedded: EmbeddedSlice, seed: np.ndarray, ring_px: float) -> None:
+        ring = (cv2.dilate(seed.astype(np.uint8), _disk(ring_px)) > 0) & ~seed
+        cells = _unit_cells(embedded)
+        self.tumour = _mean_direction(cells, _cell_weights(seed, embedded.frame))
+        self.background = _mean_direction(cells, _cell_weights(ring, embedded.frame))
+
+    def likeness(self, embedded: EmbeddedSlice, mask: np.ndarray) -> float:
+        """Fraction of the mask's cells nearer the tumour than the surroundings (weighted by coverage)."""
+        weights = _cell_weights(mask, embedded.frame)
+        if weights.sum() == 0:
+            return 0.0
+        cells = _unit_cells(embedded)
+        nearer = (cells @ self.tumour) > (cells @ self.background)
+        return float((weights * nearer).sum() / weights.sum())
+
+
+def _unit_cells(embedded: EmbeddedSlice) -> np.ndarray:
+    """The embedding as ``[64 * 64, 256]`` unit vectors, one per 4×4 model-frame cell."""
+    cells = embedded.embedding[0].float().numpy().reshape(embedded.embedding.shape[1], -1).T
+    return cells / np.maximum(np.linalg.norm(cells, axis=1, keepdims=True), 1e-6)
+
+
+def _cell_weights(mask: np.ndarray, frame: ModelFrame) -> np.ndarray:
+    """Fraction of each embedding cell covered by ``mask`` (``[64 * 64]``; small masks count fully)."""
+    side = frame.size // 4
+    coverage = cv2.resize(frame.mask_to_model(mask), (side, side), interpolation=cv2.INTER_AREA).reshape(-1)
+    return coverage * (coverage >= min(0.5, float(coverage.max())))
+
+
+def _mean_direction(cells: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    mean = (cells * weights[:, None]).sum(axis=0)
+    return mean / max(float(np.linalg.norm(mean)), 1e-6)
+
+
+def _disk(radius_px: float) -> np.ndarray:
+    size = 2 * int(np.ceil(radius_px)) + 1
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+
+
+def _propagate_step(
+    segmenter: SliceSegmenter,
+    image: np.ndarray,
+    previous: np.ndarray,
+    seed_area: int,
+    prototypes: _Prototypes | None,
+    settings: PropagationSettings,
+    index: int,
+) -> tuple[np.ndarray, PropagationStep]:
+    """Segment ``image`` prompted by the previous slice's mask; say whether the tumour goes on."""
+    box = check_box(mask_box(previous) + np.array([-1, -1, 1, 1]) * settings.box_margin_px, image.shape)
+    embedded = segmenter.embed(image)
+    logits, iou = segmenter.decode(embedded, boxes=box[None])
+    mask = segmenter.postprocess(logits[0, 0], box)
+    area_uncut = int(mask.sum())
+    overlap = 1.0
+    if settings.max_shift_px is not None and area_uncut:
+        reach = cv2.dilate(previous.astype(np.uint8), _disk(settings.max_shift_px)) > 0
+        overlap = float((mask & reach).sum()) / area_uncut
+        mask = fill_holes(keep_components(mask & reach, previous)) if overlap < 1 else mask
+    area = int(mask.sum())
+    step = PropagationStep(index=index, area_px=area, kept=False, overlap=overlap, score=float(iou[0, 0]))
+    if prototypes is not None and area:
+        step.likeness = prototypes.likeness(embedded, mask)
+    if area < max(settings.min_area_px, settings.min_seed_area_fraction * seed_area):
+        step.reason = f"area {area} px too small"
+    elif step.likeness < settings.min_likeness:
+        step.reason = f"only {step.likeness:.0%} of the mask looks like the seed tumour"
+    elif overlap < settings.min_overlap:
+        step.reason = f"only {overlap:.0%} of the mask near the previous one"
+    elif area > settings.max_growth * int(previous.sum()):
+        step.reason = f"area grew {area / max(1, int(previous.sum())):.1f}×"
+    else:
+        step.kept = True
+    return mask, step
+
+
+def propagate(
+    volume: Any,
+    seed_index: int,
+    seed_mask: Any,
+    *,
+    segmenter: SliceSegmenter | None = None,
+    settings: PropagationSettings = DEFAULT_PROPAGATION,
+    trace: list[PropagationStep] | None = None,
+) -> np.ndarray:
+    """Spread one annotated slice's mask through the volume, slice by slice, until the tumour ends.
+
+    From the seed outwards in both directions, each slice is prompted with the box of the previous
+    slice's result (see ``PropagationSettings`` for the margins and the stopping rule); the seed slice
+    keeps ``seed_mask`` exactly.
+
+    Args:
+        volume: ``[z, y, x]`` array, any numeric dtype (each slice is scaled on its own).
+        seed_index: z index of the annotated slice.
+        seed_mask: ``[y, x]`` bool/0-1 mask of the tumour on that slice (not empty).
+        segmenter: the ``SliceSegmenter`` to use (default: the process-wide one).
+        settings: prompting and stopping parameters.
+        trace: when a list is given, one ``PropagationStep`` per slice tried is appended to it.
+
+    Returns:
+        Bool mask ``[z, y, x]`` of ``volume``'s shape.
+
+    Raises:
+        InputError: ``volume`` is not 3-D, ``seed_index`` is out of range, ``seed_mask`` has another
+            shape than a slice or is empty.
+    """
+    array = np.asarray(volume)
+    if array.ndim != 3:
+        raise InputError(f"volume must be a 3-D [z, y, x] array, got shape {array.shape}")
+    if not 0 <= int(seed_index) < array.shape[0]:
+        raise InputError(f"seed_index {seed_index} outside the volume's {array.shape[0]} slices")
+    seed = np.asarray(seed_mask).astype(bool)
+    if seed.shape != array.shape[1:]:
+        raise InputError(f"seed_mask shape {seed.shape} differs from a slice's shape {array.shape[1:]}")
+    if not seed.any():
+        raise InputError(f"seed_mask on slice {seed_index} is empty: nothing to propagate")
+    segmenter = segmenter if segmenter is not None else default_segmenter()
+    seed_index = int(seed_index)
+    out = np.zeros(array.shape, bool)
+    out[seed_index] = seed
+    seed_area = int(seed.sum())
+    prototypes = (
+        _Prototypes(segmenter.embed(array[seed_index]), seed, settings.ring_px) if settings.min_likeness > 0 else None
+    )
+    for direction in (1, -1):
+        previous, index = seed, seed_index + direction
+        while 0 <= index < array.shape[0]:
+            mask, step = _propagate_step(segmenter, array[index], previous, seed_area, prototypes, settings, index)
+            if trace is not None:
+                trace.append(step)
+            if not step.kept:
+                break
+            out[index] = previous = mask
+            index += direction
+    return out
+
+
+# ------------------------------------------------------------------------------ process-wide default
+
+_DEFAULT_SEGMENTER: SliceSegmenter | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_segmenter() -> SliceSegmenter:
+    """The process-wide ``SliceSegmenter``, created on first use (model on CUDA if available)."""
+    global _DEFAULT_SEGMENTER
+    with _DEFAULT_LOCK:
+        if _DEFAULT_SEGMENTER is None:
+            _DEFAULT_SEGMENTER = SliceSegmenter()
+        return _DEFAULT_SEGMENTER
+
+
+def segment_slice(image: Any, box: Any = None, points: Any = None) -> np.ndarray:
+    """Segment the object a box and/or clicks point at in one 2-D slice.
+
+    Args:
+        image: ``[y, x]`` array of any numeric dtype (a uint8 PNG, raw MRI floats); intensities are
+            scaled per slice.
+        box: ``(x0, y0, x1, y1)`` in pixels of ``image``; parts outside the image are clipped.
+        points: ``[(x, y, is_positive), ...]`` in pixels; with a box they refine it, alone they are
+            turned into candidate boxes (see ``SliceSegmenter._segment_points``).
+
+    Returns:
+        Bool mask ``[y, x]`` with ``image``'s shape.
+
+    Raises:
+        InputError: no prompt, a malformed/zero-size/outside box, a point outside the image.
+
+    >>> mask = segment_slice(mri_slice, box=(40, 30, 90, 80))   # doctest: +SKIP
+    """
+    return default_segmenter().segment(image, box=box, points=points)
+
+
+def segment_volume(volume: Any, spacing: Any = None) -> np.ndarray:
+    """Automatic (prompt-free) segmentation of ``volume[z, y, x]`` with the current model.
+
+    Raises:
+        NoAutomaticModelError: always, for now: no 2.5-D model has been trained and registered.
+    """
+    raise NoAutomaticModelError("no automatic model registered yet; annotate with the box tool or train one")
