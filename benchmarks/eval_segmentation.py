@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "DOI 10.7937/K9/TCIA.2015.7GO2GSKS), CC BY 3.0",
         flush=True,
     )
-    cache = DiskEmbeddingCache(args.embedding_dir, model.version, max_entries=512)
+    cache = DiskEmbeddingCache(args.embedding_dir, model.encoder_version, max_entries=512)
     segmenter = SliceSegmenter(model=model, cache=cache)
     patients = [(folder.name, *read_patient(folder)) for folder in folders]
     if set(args.parts) & set("abc"):

@@ -328,7 +328,7 @@ class SliceSegmenter:
         """Validated slice, its network input ``[256, 256]``, its frame and its embedding key."""
         array = as_slice(image)
         model_input, frame = preprocess_slice(array)
-        return array, model_input, frame, embedding_key(model_input, self.model.version)
+        return array, model_input, frame, embedding_key(model_input, self.model.encoder_version)
 
     def embed(self, image: Any) -> EmbeddedSlice:
         """The slice's image embedding, from the cache or computed (and cached)."""

