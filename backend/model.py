@@ -92,8 +92,8 @@ class SegmentationBackend:
         if not isinstance(payload, Mapping):
             raise PayloadError(f"/predict expects a JSON object, got {type(payload).__name__}")
         tasks = payload.get("tasks")
-        if not isinstance(tasks, list) or not tasks:
-            raise PayloadError("/predict: 'tasks' must be a non-empty list of tasks")
+        if not isinstance(tasks, list):
+            raise PayloadError("/predict: 'tasks' must be a list of tasks")
         params = payload.get("params") or {}
         if not isinstance(params, Mapping):
             raise PayloadError(f"/predict: 'params' must be an object, got {type(params).__name__}")

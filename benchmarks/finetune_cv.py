@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -82,10 +83,11 @@ def slice_items(segmenter, image: np.ndarray, mask: np.ndarray) -> list:
 
 def evaluate(segmenter, patients, seed: int) -> dict[str, list[float]]:
     """Per-slice Dice for (a) and (b), per-patient volume Dice for (d)."""
-    from workers.segmentation import propagate
+    from workers.segmentation import DEFAULT_PROPAGATION, propagate
 
+    no_likeness = dataclasses.replace(DEFAULT_PROPAGATION, min_likeness=0.0)
     rng = np.random.default_rng(seed)
-    scores: dict[str, list[float]] = {"a": [], "b": [], "d": []}
+    scores: dict[str, list[float]] = {"a": [], "b": [], "d": [], "d0": []}
     for _, image, mask in patients:
         for z in np.nonzero(mask.reshape(len(mask), -1).sum(1) >= DEFAULT_MIN_AREA_PX)[0]:
             truth = mask[z]
@@ -95,6 +97,8 @@ def evaluate(segmenter, patients, seed: int) -> dict[str, list[float]]:
             scores["b"].append(dice(segmenter.segment(image[z], box=loose), truth))
         seed_index = int(np.argmax(mask.reshape(len(mask), -1).sum(1)))
         scores["d"].append(dice(propagate(image, seed_index, mask[seed_index], segmenter=segmenter), mask))
+        result = propagate(image, seed_index, mask[seed_index], segmenter=segmenter, settings=no_likeness)
+        scores["d0"].append(dice(result, mask))
     return scores
 
 
@@ -183,12 +187,13 @@ def main(argv: list[str] | None = None) -> int:
             for part, values in scores.items():
                 totals[label].setdefault(part, []).extend(values)
             line.append(f"{label}: (a) {np.mean(scores['a']):.3f} (b) {np.mean(scores['b']):.3f} "
-                        f"(d) {np.mean(scores['d']):.3f}")
+                        f"(d) {np.mean(scores['d']):.3f} (d0) {np.mean(scores['d0']):.3f}")
         print(f"fold {k} ({', '.join(folds[k])}; {report.samples} prompts, {report.steps} steps, "
               f"{time.perf_counter() - fold_started:.0f} s): " + "; ".join(line), flush=True)
 
     titles = {"a": "(a) box + 5 px, slice Dice", "b": "(b) loose box, slice Dice",
-              "d": "(d) propagate from largest slice, volume Dice"}
+              "d": "(d) propagate from largest slice, volume Dice",
+              "d0": "(d0) the same without the likeness stop"}
     print("\nheld-out figures over folds " + ",".join(map(str, wanted)))
     for part, title in titles.items():
         cells = []
