@@ -40,6 +40,8 @@ from eval_segmentation import (  # noqa: E402
     DEFAULT_EMBEDDING_DIR,
     DEFAULT_MIN_AREA_PX,
     dice,
+    inner_point,
+    naive_chain,
     read_patient,
     tight_box,
 )
@@ -102,6 +104,23 @@ def evaluate(segmenter, patients, seed: int) -> dict[str, list[float]]:
     return scores
 
 
+def baselines(segmenter, patients) -> None:
+    """Off-the-shelf only, on the same cropped volumes: one click per slice, and the naive chain."""
+    from workers.segmentation import propagate
+
+    clicks, naive, ours = [], [], []
+    for _, image, mask in patients:
+        for z in np.nonzero(mask.reshape(len(mask), -1).sum(1) >= DEFAULT_MIN_AREA_PX)[0]:
+            x, y = inner_point(mask[z])
+            clicks.append(dice(segmenter.segment(image[z], points=[(x, y, True)]), mask[z]))
+        seed_index = int(np.argmax(mask.reshape(len(mask), -1).sum(1)))
+        naive.append(dice(naive_chain(segmenter, image, seed_index, mask[seed_index]), mask))
+        ours.append(dice(propagate(image, seed_index, mask[seed_index], segmenter=segmenter), mask))
+    print(f"(c) one click at the innermost pixel, slice Dice: mean {np.mean(clicks):.4f} (n={len(clicks)})")
+    print(f"(d) naive chain (box of previous result + 5 px, until empty), volume Dice: mean {np.mean(naive):.4f}; "
+          f"propagate: mean {np.mean(ours):.4f} (n={len(naive)})")
+
+
 def train(base, items, args, fold_seed: int, label: str):
     """A fine-tuned copy of ``base`` trained on ``items``, with a progress bar."""
     from tqdm import tqdm
@@ -141,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--embedding-dir", type=Path, default=DEFAULT_EMBEDDING_DIR)
     parser.add_argument("--train-all", type=Path, default=None, help="train on all patients and save the decoder here")
+    parser.add_argument("--baselines", action="store_true", help="off-the-shelf clicks and naive chain only")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here as JSON")
     args = parser.parse_args(argv)
 
@@ -161,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
           f"base {base.version}, device {base.device}; embeddings ready in {time.perf_counter() - started:.0f} s",
           flush=True)
 
+    if args.baselines:
+        baselines(base_segmenter, patients)
+        return 0
     if args.train_all is not None:
         model, report = train(base, [i for v in items.values() for i in v], args, args.seed, "all")
         save_decoder(model, args.train_all, {"patients": [p[0] for p in patients], "epochs": args.epochs,
