@@ -6,7 +6,11 @@ loopback port, then sends interactive ``/predict`` requests as Label Studio does
 in percent around the tumour):
 
 * first call on a slice: the image encoder runs (embedding not cached yet);
-* repeated calls on the same slice (the box moved by a pixel each time): embedding cache warm.
+* repeated calls on the same slice (the box moved by a pixel each time): embedding cache warm;
+* first call on a slice of a case the workers warmed beforehand: "retrieve predictions" (a
+  ``/predict`` without a prompt) enqueues ``preannotate_case``, which, with no automatic model,
+  embeds the case's slices ahead of the annotator (``workers.jobs.warm_embeddings``). This is what
+  an annotator meets when a case was opened a minute before its first click.
 
 It prints p50/p95 for both, and the time of a "retrieve predictions" call with 1,000 tasks.
 
@@ -52,6 +56,21 @@ def box_payload(case: str, modality: str, z: int, n_slices: int, mask: np.ndarra
     return {"tasks": [task], "params": {"context": {"result": [region]}}}
 
 
+def wait_for_idle(connection, queue_name: str, timeout_s: float = 900) -> None:
+    """Until ``queue_name`` has no queued or running job (the warm-up and its continuations)."""
+    from rq import Queue
+    from rq.registry import StartedJobRegistry
+
+    queue = Queue(queue_name, connection=connection)
+    started = StartedJobRegistry(queue_name, connection=connection)
+    deadline = time.monotonic() + timeout_s
+    time.sleep(0.5)
+    while queue.count or started.count:
+        if time.monotonic() > deadline:
+            sys.exit(f"{queue_name} queue still busy after {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slices", type=int, default=8, help="distinct slices (first calls)")
@@ -77,8 +96,10 @@ def main() -> None:
         mask = truth.t1.array.astype(bool)
         tumour_slices = [int(z) for z in np.flatnonzero(mask.any(axis=(1, 2)))]
         slices = tumour_slices[:: max(1, len(tumour_slices) // args.slices)][: args.slices]
+        warmed_slices = [z for z in tumour_slices if z not in slices]
 
-        env = {**os.environ, "REDIS_URL": redis_server.url, "STS_DATA_DIR": str(data_dir)}
+        env = {**os.environ, "REDIS_URL": redis_server.url, "STS_DATA_DIR": str(data_dir),
+               "STS_EMBEDDING_CACHE": str(Path(tmp) / "embeddings")}
         log = open(Path(tmp) / "worker.log", "wb")  # noqa: SIM115 - the child writes to it
         started = time.perf_counter()
         worker = subprocess.Popen([sys.executable, "-m", "workers.worker", "--no-scheduler"], cwd=REPO, env=env,
@@ -113,6 +134,21 @@ def main() -> None:
                     if response.status_code != 200:
                         sys.exit(f"slice {z}: HTTP {response.status_code} {response.text}")
                     (first if k == 0 else repeated).append(elapsed)
+            warm_started = time.perf_counter()
+            bench_tasks = [{"id": 100 + z, "data": {"case_id": "BENCH", "modality": args.modality, "slice_index": z}}
+                           for z in range(mask.shape[0])]
+            response = session.post(url, json={"tasks": bench_tasks}, timeout=120)
+            assert response.status_code == 200, response.text
+            wait_for_idle(connection, "preannotate")
+            warm_s = time.perf_counter() - warm_started
+            warmed = []
+            for z in warmed_slices:
+                payload = box_payload("BENCH", args.modality, z, mask.shape[0], mask[z], shift=0)
+                t0 = time.perf_counter()
+                response = session.post(url, json=payload, timeout=120)
+                warmed.append(time.perf_counter() - t0)
+                assert response.status_code == 200, response.text
+
             tasks = [{"id": i, "data": {"case_id": f"C{i // 40:03d}", "modality": "T2", "slice_index": i % 40}}
                      for i in range(1000)]
             retrieve = []
@@ -127,6 +163,7 @@ def main() -> None:
 
             ids = FinishedJobRegistry("interactive", connection=connection).get_job_ids()
             jobs = sorted(Job.fetch_many(ids, connection=connection), key=lambda j: j.enqueued_at)
+            jobs = jobs[: len(slices) * (args.repeat + 1)]  # the cold/repeated phase
             worker_s = [j.return_value()["elapsed_ms"] / 1000 for j in jobs]
             first_worker = [w for i, w in enumerate(worker_s) if i % (args.repeat + 1) == 0]
             repeated_worker = [w for i, w in enumerate(worker_s) if i % (args.repeat + 1) != 0]
@@ -138,6 +175,8 @@ def main() -> None:
             print(f"repeated call, same slice (cache warm): {percentiles(repeated)}")
             print(f"  of which in the job (read PNG, model, RLE): first {percentiles(first_worker)}")
             print(f"                                           repeated {percentiles(repeated_worker)}")
+            print(f"first call on a warmed case's slice:    {percentiles(warmed)}  "
+                  f"(the case's {mask.shape[0]} slices warmed in {warm_s:.0f} s)")
             print(f"retrieve predictions, 1000 tasks:       {percentiles(retrieve)}  (25 cases enqueued once)")
         finally:
             server.shutdown()

@@ -122,16 +122,29 @@ def baselines(segmenter, patients) -> None:
 
 
 def train(base, items, args, fold_seed: int, label: str):
-    """A fine-tuned copy of ``base`` trained on ``items``, with a progress bar."""
+    """A fine-tuned copy of ``base`` trained on ``items``, with a progress bar.
+
+    Prompts are drawn afresh every epoch (new box jitter). With ``--train-encoder`` the image
+    encoder learns too, from the slices' network inputs; the copy then gets its own
+    ``encoder_version`` so that no cached base embedding is ever used with it.
+    """
+    import torch
     from tqdm import tqdm
 
-    from workers.finetune import make_samples, train_decoder
+    from workers.finetune import make_samples, train_litemedsam
 
-    rng = np.random.default_rng(fold_seed)
-    samples = make_samples(items, rng)
-    if args.max_samples and len(samples) > args.max_samples:
-        samples = [samples[i] for i in sorted(rng.choice(len(samples), args.max_samples, replace=False))]
-    embeddings = {item.key: args.cache.get(item.key) for item in items}
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+
+    def draw(rng: np.random.Generator) -> list:
+        samples = make_samples(items, rng, kinds=kinds)
+        if args.max_samples and len(samples) > args.max_samples:
+            samples = [samples[i] for i in sorted(rng.choice(len(samples), args.max_samples, replace=False))]
+        return samples
+
+    if args.train_encoder:
+        inputs = {item.key: torch.from_numpy(args.model_inputs[item.key]) for item in items}
+    else:
+        inputs = {item.key: args.cache.get(item.key) for item in items}
     model = copy.deepcopy(base)
     bar = tqdm(total=1, desc=f"train {label}", unit="step", leave=False)
 
@@ -140,10 +153,19 @@ def train(base, items, args, fold_seed: int, label: str):
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
 
-    report = train_decoder(model, samples, embeddings, epochs=args.epochs, batch_size=args.batch_size,
-                           lr=args.lr, seed=fold_seed, progress=progress)
+    report = train_litemedsam(model, draw, inputs, train_encoder=args.train_encoder, epochs=args.epochs,
+                              batch_size=args.batch_size, lr=args.lr, seed=fold_seed, progress=progress)
     bar.close()
+    if args.train_encoder:
+        model.version = model.encoder_version = f"{base.version}-{label.replace(' ', '')}-encoder"
     return model, report
+
+
+def tuned_segmenter(model, args):
+    """A segmenter for a fine-tuned model: base embeddings from disk, a tuned encoder's in memory only."""
+    from workers.segmentation import EmbeddingCache, SliceSegmenter
+
+    return SliceSegmenter(model=model, cache=EmbeddingCache(8192) if args.train_encoder else args.cache)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,11 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-all", type=Path, default=None, help="train on all patients and save the decoder here")
     parser.add_argument("--baselines", action="store_true", help="off-the-shelf clicks and naive chain only")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here as JSON")
+    parser.add_argument("--packed", type=Path, default=None, help="read the patients from pack_ibsi.py's .npz")
+    parser.add_argument("--train-encoder", action="store_true", help="fine-tune the image encoder too (GPU)")
+    parser.add_argument("--kinds", default="tight,loose,neighbour", help="prompt kinds to train on")
     args = parser.parse_args(argv)
 
     import torch
 
-    from workers.finetune import save_decoder
+    from workers.finetune import save_finetuned
     from workers.models import load_litemedsam
     from workers.segmentation import DiskEmbeddingCache, SliceSegmenter
 
@@ -174,9 +199,21 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     base = load_litemedsam("cuda" if torch.cuda.is_available() else "cpu")
     args.cache = DiskEmbeddingCache(args.embedding_dir, base.encoder_version, max_entries=4096)
-    patients = load_patients(args.data_dir, [p for p in args.patients.split(",") if p])
+    wanted_names = [p for p in args.patients.split(",") if p]
+    if args.packed is not None:
+        from pack_ibsi import unpack
+
+        patients = [p for p in unpack(args.packed) if not wanted_names or p[0] in wanted_names]
+    else:
+        patients = load_patients(args.data_dir, wanted_names)
     base_segmenter = SliceSegmenter(model=base, cache=args.cache)
     items = {name: slice_items(base_segmenter, image, mask) for name, image, mask in patients}
+    args.model_inputs = {}
+    if args.train_encoder:
+        for _, image, _ in patients:
+            for z in range(len(image)):
+                _, model_input, _, key = base_segmenter.prepare(image[z])
+                args.model_inputs[key] = model_input.astype(np.float16)
     print(f"DEVELOPMENT figures, {len(patients)} IBSI patients, {args.folds}-fold patient-level CV, "
           f"base {base.version}, device {base.device}; embeddings ready in {time.perf_counter() - started:.0f} s",
           flush=True)
@@ -186,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.train_all is not None:
         model, report = train(base, [i for v in items.values() for i in v], args, args.seed, "all")
-        save_decoder(model, args.train_all, {"patients": [p[0] for p in patients], "epochs": args.epochs,
-                                             "samples": report.samples, "lr": args.lr})
+        save_finetuned(model, args.train_all, {"patients": [p[0] for p in patients], "epochs": args.epochs,
+                                               "samples": report.samples, "lr": args.lr, "kinds": args.kinds},
+                       include_encoder=args.train_encoder)
         print(f"saved {args.train_all} ({report.samples} prompts, {report.steps} steps, "
               f"final loss {np.mean(report.losses[-20:]):.3f})")
         return 0
@@ -203,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         model, report = train(base, train_items, args, args.seed + k, f"fold {k}")
         results = {
             "off-the-shelf": evaluate(base_segmenter, held_out, args.seed + 100 + k),
-            "fine-tuned": evaluate(SliceSegmenter(model=model, cache=args.cache), held_out, args.seed + 100 + k),
+            "fine-tuned": evaluate(tuned_segmenter(model, args), held_out, args.seed + 100 + k),
         }
         line = []
         for label, scores in results.items():

@@ -17,6 +17,7 @@ QUEUES_BY_PRIORITY = (INTERACTIVE_QUEUE, PREANNOTATE_QUEUE, TRAIN_QUEUE)
 SEGMENT_INTERACTIVE_JOB = "workers.jobs.segment_interactive"
 PROPAGATE_ANNOTATION_JOB = "workers.jobs.propagate_annotation"
 PREANNOTATE_CASE_JOB = "workers.jobs.preannotate_case"
+WARM_EMBEDDINGS_JOB = "workers.jobs.warm_embeddings"
 
 DEFAULT_INTERACTIVE_TIMEOUT_S = 30
 """Job time limit for one interactive segmentation (the backend waits far less)."""

@@ -77,6 +77,7 @@ export STS_DATA_DIR="$stack/data" LABEL_STUDIO_URL="http://127.0.0.1:$port" LABE
 export LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT="$stack" STS_IMAGE_SERVING=local-files
 backend_port="${STS_BACKEND_PORT:-9090}"
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/0}"
+export STS_EMBEDDING_CACHE="${STS_EMBEDDING_CACHE:-$HOME/.cache/sts-annotate/embeddings}"  # slices embedded ahead of clicks
 setsid .venv/bin/sts-worker > "$stack/worker.log" 2>&1 &
 pids+=("$!")
 setsid .venv/bin/sts-backend --host 127.0.0.1 --port "$backend_port" > "$stack/backend.log" 2>&1 &

@@ -1,9 +1,11 @@
-"""Fine-tuning LiteMedSAM's prompt encoder and mask decoder on our own annotations.
+"""Fine-tuning LiteMedSAM on our own annotations: the decoder side, and on a GPU the encoder too.
 
-Why only those two: the image encoder (TinyViT, ~95 % of the compute) stays frozen, so its
-embeddings can be computed once, cached on disk (``DiskEmbeddingCache``) and reused by every epoch,
-every cross-validation fold and the live workers alike; training then fits on CPU. What is learnt
-is how boxes drawn by *our* annotators relate to *our* tumours:
+By default only the prompt encoder and mask decoder learn: the image encoder (TinyViT, ~95 % of the
+compute) stays frozen, so its embeddings can be computed once, cached on disk
+(``DiskEmbeddingCache``) and reused by every epoch, every cross-validation fold and the live workers
+alike; training then fits on CPU. On a GPU, ``train_litemedsam(train_encoder=True)`` also adapts the
+encoder to our MRI (with augmentation); its embeddings then get new cache keys. What is learnt is
+how boxes drawn by *our* annotators relate to *our* tumours:
 
 - ``tight``: the mask's box + 5 px (a careful annotator);
 - ``loose``: the mask's box + 10 px, each side moved by up to ±5 px (a quick one);
@@ -12,15 +14,17 @@ is how boxes drawn by *our* annotators relate to *our* tumours:
   (``workers.segmentation.propagate``) and it teaches the decoder to answer "nothing here" past
   the tumour's end instead of outlining the nearest structure.
 
-The weights are saved as a small checkpoint (prompt encoder + mask decoder state, ~16 MB) named by its
-SHA-256; ``load_litemedsam(decoder_path=...)`` applies it over the pinned base weights.
+The weights are saved as a checkpoint (prompt encoder + mask decoder, ~16 MB; ~39 MB with the
+encoder) holding the base weights' SHA-256; ``load_litemedsam(finetuned_path=...)`` (or
+``$STS_LITEMEDSAM_DECODER``) applies it over the pinned base weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +74,7 @@ class SliceItem:
 
 @dataclass
 class TrainingReport:
-    """What ``train_decoder`` did, for logs and the model registry."""
+    """What ``train_litemedsam`` did, for logs and the model registry."""
 
     samples: int
     epochs: int
@@ -130,28 +134,8 @@ def make_samples(
 
 
 def decode_batch(model: LiteMedSAM, embeddings: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``[B, 1, 256, 256]`` and IoU ``[B, 1]`` for B slices with one box each.
-
-    ``segment_anything``'s ``MaskDecoder.predict_masks`` repeats ONE image embedding for every
-    prompt; training needs B different slices per batch, so this is its body with the embedding
-    taken as it is (adapted from segment_anything 1.0, Apache-2.0).
-    """
-    decoder = model.mask_decoder
-    sparse, dense = model.prompt_encoder(points=None, boxes=boxes, masks=None)
-    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    tokens = torch.cat((output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), dim=1)
-    src = embeddings + dense
-    pos_src = model.prompt_encoder.get_dense_pe().expand(src.shape[0], -1, -1, -1)
-    b, c, h, w = src.shape
-    hs, src = decoder.transformer(src, pos_src, tokens)
-    iou_token_out = hs[:, 0, :]
-    mask_token_out = hs[:, 1, :]  # the single-mask output (multimask_output=False)
-    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-    hyper = decoder.output_hypernetworks_mlps[0](mask_token_out)[:, None]
-    b, c, h, w = upscaled.shape
-    masks = (hyper @ upscaled.view(b, c, h * w)).view(b, 1, h, w)
-    iou = decoder.iou_prediction_head(iou_token_out)[:, :1]
-    return masks, iou
+    """Logits ``[B, 1, 256, 256]`` and IoU ``[B, 1]`` for B slices with one box each (with gradients)."""
+    return model.decode_many(embeddings, boxes)
 
 
 def segmentation_loss(
@@ -174,60 +158,119 @@ def segmentation_loss(
     return bce + dice.mean(), iou
 
 
-def trainable_state(model: LiteMedSAM) -> dict[str, torch.Tensor]:
-    """The prompt encoder's and mask decoder's parameters (what fine-tuning changes)."""
-    return {
-        name: value.detach().cpu().clone()
-        for name, value in model.state_dict().items()
-        if name.startswith(("prompt_encoder.", "mask_decoder."))
-    }
+TRAINABLE_PREFIXES = {
+    "decoder": ("prompt_encoder.", "mask_decoder."),
+    "encoder": ("image_encoder.",),
+}
+"""State-dict prefixes of what fine-tuning may change: always the decoder side, optionally the encoder."""
 
 
-def train_decoder(
+def trainable_state(model: LiteMedSAM, include_encoder: bool = False) -> dict[str, torch.Tensor]:
+    """The parameters fine-tuning changes (prompt encoder, mask decoder and, if asked, image encoder)."""
+    prefixes = TRAINABLE_PREFIXES["decoder"] + (TRAINABLE_PREFIXES["encoder"] if include_encoder else ())
+    state = model.state_dict()
+    return {name: value.detach().cpu().clone() for name, value in state.items() if name.startswith(prefixes)}
+
+
+def augment_batch(
+    images: torch.Tensor, boxes: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-right flips and gamma changes of a batch (only when the image encoder is trained).
+
+    A flip mirrors the image part of the frame (the padding stays at the right, as at inference)
+    and the box with it; gamma in [0.7, 1.4] mimics other scanners' contrast. Why these two only:
+    limbs are imaged left and right, while up-down flips or rotations would show anatomy upside
+    down that no annotator ever sees.
+    """
+    images, boxes, target = images.clone(), boxes.clone(), target.clone()
+    widths = valid[:, 0].amax(dim=1).sum(dim=1).long()  # the image part's width per sample
+    for i in range(images.shape[0]):
+        if rng.random() < 0.5:
+            w = int(widths[i])
+            images[i, :, :w] = images[i, :, :w].flip(-1)
+            target[i, :, :, :w] = target[i, :, :, :w].flip(-1)
+            x0, x1 = float(boxes[i, 0]), float(boxes[i, 2])
+            boxes[i, 0], boxes[i, 2] = w - x1, w - x0
+        gamma = float(np.exp(rng.uniform(np.log(0.7), np.log(1.4))))
+        images[i] = images[i].clamp(min=0) ** gamma
+    return images, boxes, target
+
+
+def train_litemedsam(
     model: LiteMedSAM,
-    samples: Sequence[Sample],
-    embeddings: dict[str, torch.Tensor],
+    samples: Sequence[Sample] | Callable[[np.random.Generator], Sequence[Sample]],
+    inputs: dict[str, torch.Tensor],
     *,
+    train_encoder: bool = False,
     epochs: int = 4,
     batch_size: int = 16,
     lr: float = 5e-5,
+    encoder_lr: float | None = None,
     weight_decay: float = 0.01,
     seed: int = 0,
     progress: Any = None,
 ) -> TrainingReport:
-    """Fine-tune ``model``'s prompt encoder and mask decoder in place (AdamW, cosine decay).
+    """Fine-tune ``model`` in place (AdamW, cosine decay): the decoder side, and the encoder if asked.
+
+    Decoder only (CPU-friendly): ``inputs`` maps each slice key to its cached embedding
+    ``[1, 256, 64, 64]``, computed once by the frozen encoder. With ``train_encoder`` (a GPU job):
+    ``inputs`` maps each slice key to its network input ``[256, 256]`` (``preprocess_slice``), the
+    encoder runs on every batch (bfloat16 autocast on CUDA) and the batch is augmented
+    (``augment_batch``), since the encoder can otherwise memorise 20 patients' slices.
 
     Args:
         model: a trainable LiteMedSAM (NOT the cached instance from ``load_litemedsam``: copy it).
-        samples: from ``make_samples``.
-        embeddings: slice key → float16/32 embedding ``[1, 256, 64, 64]`` for every sample's slice.
+        samples: from ``make_samples``, or a callable drawing fresh ones (new box jitter) per epoch.
+        inputs: see above.
+        encoder_lr: the image encoder's learning rate (default ``lr / 4``: it moves more slowly).
         progress: optional callable ``(step, total, loss)`` for a progress bar.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    params = [p for n, p in model.named_parameters() if n.startswith(("prompt_encoder.", "mask_decoder."))]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
+    draw = samples if callable(samples) else (lambda _rng: samples)
+    prefixes = TRAINABLE_PREFIXES["decoder"] + (TRAINABLE_PREFIXES["encoder"] if train_encoder else ())
+    model.requires_grad_(False)
+    groups: dict[str, list[torch.nn.Parameter]] = {"decoder": [], "encoder": []}
+    for name, param in model.named_parameters():
+        if name.startswith(prefixes):
+            param.requires_grad_(True)
+            groups["encoder" if name.startswith("image_encoder.") else "decoder"].append(param)
     model.prompt_encoder.train()
     model.mask_decoder.train()
-    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = max(1, int(np.ceil(len(samples) / batch_size)))
+    model.image_encoder.train(train_encoder)
+    param_groups = [{"params": groups["decoder"], "lr": lr}]
+    if train_encoder:
+        param_groups.append({"params": groups["encoder"], "lr": encoder_lr if encoder_lr is not None else lr / 4})
+    optimiser = torch.optim.AdamW(param_groups, weight_decay=weight_decay)
+    first = list(draw(rng))
+    steps_per_epoch = max(1, int(np.ceil(len(first) / batch_size)))
     total = epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=total)
     device = model.device
-    report = TrainingReport(samples=len(samples), epochs=epochs, steps=total)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    report = TrainingReport(samples=len(first), epochs=epochs, steps=total)
     step = 0
-    for _ in range(epochs):
-        order = rng.permutation(len(samples))
+    for epoch in range(epochs):
+        drawn = first if epoch == 0 else list(draw(rng))
+        order = rng.permutation(len(drawn))[: steps_per_epoch * batch_size]
         for start in range(0, len(order), batch_size):
-            batch = [samples[i] for i in order[start : start + batch_size]]
-            emb = torch.cat([embeddings[s.slice_key].reshape(1, 256, 64, 64) for s in batch]).to(device, torch.float32)
+            if step >= total:
+                break
+            batch = [drawn[i] for i in order[start : start + batch_size]]
             boxes = torch.from_numpy(np.stack([s.box for s in batch])).to(device)
             target = torch.from_numpy(np.stack([s.target for s in batch])[:, None].astype(np.float32)).to(device)
             valid = torch.from_numpy(np.stack([s.valid for s in batch])[:, None].astype(np.float32)).to(device)
-            logits, iou_pred = decode_batch(model, emb, boxes)
+            with autocast:
+                if train_encoder:
+                    images = torch.stack([inputs[s.slice_key].reshape(256, 256) for s in batch])
+                    images = images.to(device, torch.float32)
+                    images, boxes, target = augment_batch(images, boxes, target, valid, rng)
+                    emb = model.image_encoder(images[:, None].expand(-1, 3, -1, -1))
+                else:
+                    emb = torch.cat([inputs[s.slice_key].reshape(1, 256, 64, 64) for s in batch])
+                    emb = emb.to(device, torch.float32)
+                logits, iou_pred = decode_batch(model, emb, boxes)
+            logits, iou_pred = logits.float(), iou_pred.float()
             loss, iou = segmentation_loss(logits, target, valid)
             loss = loss + functional.mse_loss(iou_pred[:, 0], iou.to(iou_pred.dtype))
             optimiser.zero_grad(set_to_none=True)
@@ -242,11 +285,25 @@ def train_decoder(
     return report
 
 
-def save_decoder(model: LiteMedSAM, path: str | os.PathLike[str], metadata: dict[str, Any] | None = None) -> Path:
-    """Write the fine-tuned prompt encoder + mask decoder to ``path`` atomically (temp file, rename)."""
+def save_finetuned(
+    model: LiteMedSAM,
+    path: str | os.PathLike[str],
+    metadata: dict[str, Any] | None = None,
+    include_encoder: bool = False,
+) -> Path:
+    """Write the fine-tuned weights to ``path`` atomically (temp file, rename).
+
+    The file holds the prompt encoder and mask decoder (and, with ``include_encoder``, the image
+    encoder: then the embedding cache is keyed anew) plus the base weights' SHA-256, so that
+    ``load_litemedsam(finetuned_path=...)`` refuses it over any other base.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"base_sha256": model.weights_sha256, "state": trainable_state(model), "metadata": metadata or {}}
+    payload = {
+        "base_sha256": model.weights_sha256,
+        "state": trainable_state(model, include_encoder),
+        "metadata": metadata or {},
+    }
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:

@@ -8,7 +8,11 @@ importing this module is cheap and the backend could import it without torch (it
 * ``propagate_annotation``: a saved annotation → predictions on the neighbouring slices of the same
   case and modality that nobody annotated, written to Label Studio with the SDK.
 * ``preannotate_case``: a whole case and modality with the automatic model → pre-annotations stored in
-  Redis (``core.redis_store``), which the backend returns on "retrieve predictions".
+  Redis (``core.redis_store``), which the backend returns on "retrieve predictions". Without an
+  automatic model it prepares the case for interactive use instead (``warm_embeddings``).
+* ``warm_embeddings``: every slice of a case and modality through the image encoder ahead of the
+  annotator, into the host's shared embedding cache, so the first box on a slice runs the decoder
+  only; it gives way to waiting annotators between slices.
 
 Images are the case store's PNG slices (``$STS_DATA_DIR/cases/<case>/slices/<MODALITY>/<z>.png``), the
 very pixels the annotator sees, so prompts in Label Studio's pixel grid apply to them as they are.
@@ -26,6 +30,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -38,6 +43,14 @@ from core.brush_rle import brush_result_to_mask, mask_to_brush_result
 from core.case_store import CaseLayout, CaseStore
 from core.errors import AnnotationError, InputError, LabelStudioError, ProjectError
 from core.labeling import BRUSH_CONTROL, IMAGE_KEY, TUMOR_LABEL
+from core.queues import (
+    DEFAULT_FAILURE_TTL_S,
+    DEFAULT_PREANNOTATE_TIMEOUT_S,
+    DEFAULT_RESULT_TTL_S,
+    INTERACTIVE_QUEUE,
+    PREANNOTATE_QUEUE,
+    WARM_EMBEDDINGS_JOB,
+)
 from core.redis_store import DEFAULT_NO_MODEL_TTL_S, STATUS_DONE, STATUS_NO_MODEL, PreannotationStore
 from core.settings import Settings
 
@@ -337,14 +350,15 @@ def preannotate_case(case_id: str, modality: str, model_version: str, data_dir: 
     All slices' predictions (empty results where the model found no tumour) and the status are written
     in one Redis transaction. Without an automatic model the status ``no_model`` is stored for an hour
     (``DEFAULT_NO_MODEL_TTL_S``), so "retrieve predictions" does not enqueue the case again meanwhile,
-    and the job succeeds with that status instead of failing again and again.
+    and the job succeeds with that status instead of failing again and again; it then warms the case's
+    embeddings for interactive use (``warm_embeddings``; ``$STS_WARM_EMBEDDINGS=0`` turns that off).
 
     Args:
         model_version: the version the backend reported in ``/setup``; predictions are stored under it.
         connection: Redis; default the running job's, else ``$REDIS_URL``.
 
     Returns:
-        ``{"status": "done", "slices", "slices_with_tumour", ...}`` or ``{"status": "no_model", "reason"}``.
+        ``{"status": "done", "slices", "slices_with_tumour", ...}`` or ``{"status": "no_model", "reason", "warm"}``.
     """
     start = time.perf_counter()
     from workers.segmentation import NoAutomaticModelError, segment_volume
@@ -359,7 +373,8 @@ def preannotate_case(case_id: str, modality: str, model_version: str, data_dir: 
     except NoAutomaticModelError as exc:
         status = {**base, "status": STATUS_NO_MODEL, "reason": str(exc)}
         store.set_status(model_version, case_id, modality, status, ttl_s=DEFAULT_NO_MODEL_TTL_S)
-        return {**status, "elapsed_ms": _elapsed_ms(start)}
+        warmed = _warm(volume, case_id, modality, data_dir, connection) if warming_enabled() else None
+        return {**status, "warm": warmed, "elapsed_ms": _elapsed_ms(start)}
     if masks.shape != volume.shape:
         raise ProjectError(f"segment_volume returned shape {masks.shape} for a volume of shape {volume.shape}")
     predictions = {}
@@ -370,3 +385,98 @@ def preannotate_case(case_id: str, modality: str, model_version: str, data_dir: 
               "slices_with_tumour": int(masks.reshape(len(masks), -1).any(axis=1).sum())}
     store.write_case(model_version, case_id, modality, predictions, status)
     return {**status, "elapsed_ms": _elapsed_ms(start)}
+
+
+# ------------------------------------------------------------------------------ embedding warm-up
+
+
+def middle_out(count: int, centre: int | None = None) -> list[int]:
+    """Slice indices from ``centre`` (default the middle) outwards, alternating up and down.
+
+    Annotators start where the tumour is largest, usually near the middle of the imaged range.
+
+    >>> middle_out(5)
+    [2, 3, 1, 4, 0]
+    """
+    centre = count // 2 if centre is None else min(max(int(centre), 0), count - 1)
+    order = [centre]
+    for step in range(1, count):
+        order += [z for z in (centre + step, centre - step) if 0 <= z < count]
+    return order
+
+
+WARM_ENV = "STS_WARM_EMBEDDINGS"
+"""Set to 0/false/off to stop ``preannotate_case`` from warming embeddings when no automatic model exists."""
+
+
+def warming_enabled() -> bool:
+    return os.environ.get(WARM_ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+def _others_waiting(connection: redis.Redis | None) -> bool:
+    """Anyone queued for this worker: an annotator (interactive) or a propagation / whole-case job."""
+    from rq import Queue
+
+    conn = _connection(connection)
+    return any(Queue(name, connection=conn).count > 0 for name in (INTERACTIVE_QUEUE, PREANNOTATE_QUEUE))
+
+
+def _warm(volume: np.ndarray, case_id: str, modality: str, data_dir: str | Path | None,
+          connection: redis.Redis | None, centre: int | None = None) -> dict[str, Any]:
+    """Embed ``volume``'s uncached slices; inside an RQ job, make way for other jobs and enqueue the rest.
+
+    Slices go through the encoder one at a time on CPU (one slice is the longest an annotator waits
+    behind this job) and 16 at a time on a GPU. When a job waits on the interactive or pre-annotation
+    queue (an annotator, a propagation), or half the job's time limit has passed, the rest is
+    enqueued as a new ``warm_embeddings`` job at the back of the pre-annotation queue.
+    """
+    from rq import get_current_job
+
+    from workers.segmentation import DiskEmbeddingCache, default_segmenter, embedding_cache_budget_bytes
+
+    segmenter = default_segmenter()
+    batch = 16 if segmenter.model.device.type == "cuda" else 1
+    order = middle_out(len(volume), centre)
+    pending = [z for z in order if segmenter.prepare(volume[z])[3] not in segmenter.cache]
+    in_job = get_current_job() is not None
+    deadline = time.monotonic() + DEFAULT_PREANNOTATE_TIMEOUT_S / 2
+    done, yielded = 0, False
+    while pending:
+        if in_job and done and (time.monotonic() > deadline or _others_waiting(connection)):
+            from rq import Queue
+
+            Queue(PREANNOTATE_QUEUE, connection=_connection(connection)).enqueue(
+                WARM_EMBEDDINGS_JOB, case_id, modality, data_dir=None if data_dir is None else str(data_dir),
+                centre=order[0], job_timeout=DEFAULT_PREANNOTATE_TIMEOUT_S, result_ttl=DEFAULT_RESULT_TTL_S,
+                failure_ttl=DEFAULT_FAILURE_TTL_S)
+            yielded = True
+            break
+        chunk, pending = pending[:batch], pending[batch:]
+        segmenter.embed_many([volume[z] for z in chunk], batch_size=batch)
+        done += len(chunk)
+    pruned = 0
+    if isinstance(segmenter.cache, DiskEmbeddingCache) and done:
+        pruned = segmenter.cache.prune(embedding_cache_budget_bytes())
+    return {"slices": len(volume), "embedded": done, "left": len(pending), "yielded": yielded, "pruned": pruned,
+            "shared": isinstance(segmenter.cache, DiskEmbeddingCache)}
+
+
+@_job
+def warm_embeddings(case_id: str, modality: str, data_dir: str | Path | None = None, centre: int | None = None,
+                    connection: redis.Redis | None = None) -> dict[str, Any]:
+    """Run a case's slices through the image encoder before anyone clicks on them.
+
+    Without ``$STS_EMBEDDING_CACHE`` the embeddings stay in this worker's memory only (still useful
+    with a single worker). Between slices the job looks for waiting jobs: if an annotator or a
+    propagation is waiting, it enqueues itself again (from the next slice) behind them and returns.
+
+    Args:
+        centre: the slice to start from (then outwards); default the middle one.
+
+    Returns:
+        ``{"slices", "embedded", "left", "yielded", "pruned", "shared", "elapsed_ms"}``.
+    """
+    start = time.perf_counter()
+    volume = read_volume(_case(data_dir, case_id), modality)
+    return {"case_id": case_id, "modality": modality, **_warm(volume, case_id, modality, data_dir, connection, centre),
+            "elapsed_ms": _elapsed_ms(start)}

@@ -33,11 +33,20 @@ import cv2
 import numpy as np
 import torch
 
-from core.errors import InputError, ProjectError
+from core.errors import ConfigError, InputError, ProjectError
 from workers.models.litemedsam import LiteMedSAM, ModelFrame, load_litemedsam, preprocess_slice
 
 DEFAULT_EMBEDDING_CACHE_SIZE = 256
 """Image embeddings kept per process (float16, 2 MiB each: 512 MiB at most); a few cases' slices."""
+
+EMBEDDING_CACHE_ENV = "STS_EMBEDDING_CACHE"
+"""Folder of the on-disk embedding cache that the workers of one host share (unset: memory only)."""
+
+EMBEDDING_CACHE_GB_ENV = "STS_EMBEDDING_CACHE_GB"
+"""Size the on-disk embedding cache is pruned back to, in GB (default ``DEFAULT_EMBEDDING_CACHE_GB``)."""
+
+DEFAULT_EMBEDDING_CACHE_GB = 20.0
+"""About 10,000 slices (2 MiB each): the cases a team is working on, not the archive."""
 
 DEFAULT_CPU_THREADS = 2
 """Torch threads on CPU: this project's machines have few cores, shared with other work."""
@@ -258,13 +267,38 @@ class DiskEmbeddingCache(EmbeddingCache):
         if value is not None:
             return value
         path = self.path_for(key)
-        if not path.is_file():
+        try:
+            with np.load(path) as data:
+                embedding = torch.from_numpy(data["embedding"])
+            os.utime(path)  # recently used: pruned last
+        except (OSError, ValueError, KeyError):  # absent, pruned meanwhile, or unreadable: compute again
             return None
-        with np.load(path) as data:
-            embedding = torch.from_numpy(data["embedding"])
         self.misses -= 1
         self.hits += 1
         return super().put(key, embedding)
+
+    def __contains__(self, key: str) -> bool:
+        return super().__contains__(key) or self.path_for(key).is_file()
+
+    def prune(self, max_bytes: int) -> int:
+        """Delete the least recently used files until the cache holds at most ``max_bytes``; returns
+        how many were deleted. Other workers may read meanwhile: a file gone under them is a miss."""
+        files = []
+        for path in self.root.glob("*/*.npz"):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            files.append((stat.st_mtime, stat.st_size, path))
+        total = sum(size for _, size, _ in files)
+        removed = 0
+        for _, size, path in sorted(files):
+            if total <= max_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
+            removed += 1
+        return removed
 
     def put(self, key: str, embedding: torch.Tensor) -> torch.Tensor:
         stored = super().put(key, embedding)
@@ -442,8 +476,12 @@ class SliceSegmenter:
         best = int(np.argmax(iou[:, 0]))
         return self.postprocess(logits[best, 0], boxes[best])
 
-    def segment_many(self, images: Sequence[Any], boxes: Sequence[Any]) -> list[np.ndarray]:
-        """Box-prompted masks for many slices at once: the encoder runs batched (GPU pre-annotation)."""
+    def segment_many(self, images: Sequence[Any], boxes: Sequence[Any], batch_size: int = 64) -> list[np.ndarray]:
+        """Box-prompted masks for many slices at once (GPU pre-annotation).
+
+        The encoder and the decoder both run on ``batch_size`` slices per call; the masks are the
+        same as ``segment`` gives one slice at a time.
+        """
         if len(images) != len(boxes):
             raise InputError(f"segment_many needs one box per image, got {len(images)} images, {len(boxes)} boxes")
         arrays = [as_slice(image) for image in images]
@@ -451,11 +489,18 @@ class SliceSegmenter:
         for index, box in enumerate(checked):
             if box is None:
                 raise InputError(f"segment_many: image {index} has no box")
-        embedded = self.embed_many(arrays)
-        masks = []
-        for item, box in zip(embedded, checked, strict=True):
-            logits, _ = self.decode(item, boxes=box[None])
-            masks.append(self.postprocess(logits[0, 0], box))
+        masks: list[np.ndarray] = []
+        device = self.model.device
+        for start in range(0, len(arrays), batch_size):
+            embedded = self.embed_many(arrays[start : start + batch_size], batch_size=batch_size)
+            chunk = checked[start : start + batch_size]
+            embeddings = torch.cat([item.embedding.reshape(1, 256, 64, 64) for item in embedded]).to(device)
+            model_boxes = np.stack([item.frame.to_model(box) for item, box in zip(embedded, chunk, strict=True)])
+            with torch.inference_mode():
+                logits, _ = self.model.decode_many(embeddings.float(), torch.from_numpy(model_boxes).to(device))
+            for item, box, item_logits in zip(embedded, chunk, logits, strict=True):
+                image_logits = item.frame.logits_to_image(item_logits[None].float())[0, 0].cpu().numpy()
+                masks.append(self.postprocess(image_logits, box))
         return masks
 
 
@@ -668,12 +713,38 @@ _DEFAULT_LOCK = threading.Lock()
 
 
 def default_segmenter() -> SliceSegmenter:
-    """The process-wide ``SliceSegmenter``, created on first use (model on CUDA if available)."""
+    """The process-wide ``SliceSegmenter``, created on first use (model on CUDA if available).
+
+    With ``$STS_EMBEDDING_CACHE`` set, its embeddings also go to that folder, so the workers of one
+    host share them: a slice embedded ahead of time (``workers.jobs.warm_embeddings``) answers its
+    first click with the decoder alone.
+    """
     global _DEFAULT_SEGMENTER
     with _DEFAULT_LOCK:
         if _DEFAULT_SEGMENTER is None:
-            _DEFAULT_SEGMENTER = SliceSegmenter()
+            segmenter = SliceSegmenter()
+            root = os.environ.get(EMBEDDING_CACHE_ENV)
+            if root:
+                segmenter.cache = DiskEmbeddingCache(root, segmenter.model.encoder_version,
+                                                     max_entries=DEFAULT_EMBEDDING_CACHE_SIZE)
+            _DEFAULT_SEGMENTER = segmenter
         return _DEFAULT_SEGMENTER
+
+
+def embedding_cache_budget_bytes() -> int:
+    """``$STS_EMBEDDING_CACHE_GB`` (default ``DEFAULT_EMBEDDING_CACHE_GB``) in bytes.
+
+    Raises:
+        ConfigError: the variable is not a positive number.
+    """
+    raw = os.environ.get(EMBEDDING_CACHE_GB_ENV, "")
+    try:
+        gigabytes = float(raw) if raw else DEFAULT_EMBEDDING_CACHE_GB
+    except ValueError:
+        gigabytes = -1.0
+    if not gigabytes > 0:
+        raise ConfigError(f"${EMBEDDING_CACHE_GB_ENV}={raw!r}: expected a positive number of GB")
+    return int(gigabytes * 1e9)
 
 
 def segment_slice(image: Any, box: Any = None, points: Any = None) -> np.ndarray:

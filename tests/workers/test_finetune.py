@@ -1,4 +1,4 @@
-"""Tests of ``workers.finetune`` and of loading a fine-tuned decoder: real LiteMedSAM on CPU, no mocking."""
+"""Tests of ``workers.finetune`` and of loading fine-tuned weights: real LiteMedSAM on CPU, no mocking."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import torch
 
 from workers.finetune import (
     SliceItem,
+    augment_batch,
     decode_batch,
     make_samples,
-    save_decoder,
+    save_finetuned,
     segmentation_loss,
-    train_decoder,
+    train_litemedsam,
 )
 from workers.models.litemedsam import DECODER_ENV, ModelFrame, WeightsError, load_litemedsam
 from workers.segmentation import SliceSegmenter
@@ -40,12 +41,12 @@ def embedded_slices(base):
         rng = np.random.default_rng(seed)
         mask = disk(128, 140, (cx, cy), r)
         image = (rng.normal(200, 30, mask.shape) + 400 * mask).astype(np.float32)
-        out.append((segmenter.embed(image), mask))
+        out.append((segmenter.embed(image), mask, segmenter.prepare(image)[1]))
     return out
 
 
 def test_batched_decoding_equals_one_slice_at_a_time(base, embedded_slices):
-    embeddings = torch.cat([e.embedding.float() for e, _ in embedded_slices])
+    embeddings = torch.cat([e.embedding.float() for e, _, _ in embedded_slices])
     boxes = torch.tensor([[40.0, 50, 150, 160], [60, 20, 200, 130]])
     with torch.no_grad():
         logits, iou = decode_batch(base, embeddings, boxes)
@@ -81,11 +82,11 @@ def test_empty_target_is_learnt_without_dividing_by_zero():
 
 def test_training_lowers_the_loss_and_leaves_the_resident_model_alone(base, embedded_slices):
     before = {k: v.clone() for k, v in base.mask_decoder.state_dict().items()}
-    items = [SliceItem(e.key, e.frame, mask) for e, mask in embedded_slices]
+    items = [SliceItem(e.key, e.frame, mask) for e, mask, _ in embedded_slices]
     samples = make_samples(items, np.random.default_rng(1), kinds=("tight",))
-    embeddings = {e.key: e.embedding for e, _ in embedded_slices}
+    embeddings = {e.key: e.embedding for e, _, _ in embedded_slices}
     model = copy.deepcopy(base)
-    report = train_decoder(model, samples * 2, embeddings, epochs=4, batch_size=4, lr=3e-4)
+    report = train_litemedsam(model, samples * 2, embeddings, epochs=4, batch_size=4, lr=3e-4)
     assert report.steps == 4 and len(report.losses) == 4
     assert report.losses[-1] < report.losses[0]
     assert all(torch.equal(before[k], v) for k, v in base.mask_decoder.state_dict().items())
@@ -96,14 +97,14 @@ def test_a_saved_decoder_loads_over_the_base_weights(base, tmp_path: Path, monke
     model = copy.deepcopy(base)
     with torch.no_grad():
         model.mask_decoder.iou_token.weight.add_(1.0)
-    path = save_decoder(model, tmp_path / "decoder.pt", {"note": "test"})
+    path = save_finetuned(model, tmp_path / "decoder.pt", {"note": "test"})
     assert [p.name for p in tmp_path.iterdir()] == ["decoder.pt"]
-    tuned = load_litemedsam("cpu", decoder_path=path)
+    tuned = load_litemedsam("cpu", finetuned_path=path)
     assert tuned is not base and tuned.version.startswith(f"{base.version}-ft-")
     assert tuned.encoder_version == base.encoder_version == base.version
     assert torch.equal(tuned.mask_decoder.iou_token.weight, model.mask_decoder.iou_token.weight)
     assert not torch.equal(base.mask_decoder.iou_token.weight, tuned.mask_decoder.iou_token.weight)
-    assert load_litemedsam("cpu", decoder_path=path) is tuned
+    assert load_litemedsam("cpu", finetuned_path=path) is tuned
     monkeypatch.setenv(DECODER_ENV, str(path))
     assert load_litemedsam("cpu") is tuned
 
@@ -116,4 +117,40 @@ def test_a_bad_decoder_checkpoint_is_refused_by_name(base, tmp_path: Path, probl
     elif problem == "other base":
         torch.save({"base_sha256": "f" * 64, "state": {}, "metadata": {}}, path)
     with pytest.raises(WeightsError, match=str(path).replace(".", r"\.")):
-        load_litemedsam("cpu", decoder_path=path)
+        load_litemedsam("cpu", finetuned_path=path)
+
+
+def test_flips_keep_the_box_around_the_target():
+    frame = ModelFrame.for_shape(100, 160)  # image part 256 × 160: padding at the bottom
+    target = torch.from_numpy(frame.mask_to_model(disk(100, 160, (30, 50), 12)) >= 0.5).float()[None, None]
+    valid = torch.from_numpy(frame.mask_to_model(np.ones((100, 160))) >= 0.5).float()[None, None]
+    images = torch.rand(1, 256, 256) * valid[0]
+    box = torch.from_numpy(frame.to_model(np.array([[15.0, 35, 45, 65]])))
+    flipped_any = False
+    for seed in range(6):
+        out_images, out_boxes, out_target = augment_batch(images, box, target, valid, np.random.default_rng(seed))
+        ys, xs = np.nonzero(out_target[0, 0].numpy())
+        x0, y0, x1, y1 = out_boxes[0].tolist()
+        assert x0 <= xs.min() and x1 >= xs.max() and y0 <= ys.min() and y1 >= ys.max()
+        assert float(out_images[:, valid[0, 0] == 0].abs().max()) == 0  # padding stays padding
+        flipped_any |= bool(xs.mean() > 128)
+    assert flipped_any
+
+
+def test_encoder_fine_tuning_gets_its_own_embeddings(base, embedded_slices, tmp_path: Path):
+    items = [SliceItem(e.key, e.frame, mask) for e, mask, _ in embedded_slices]
+    inputs = {e.key: torch.from_numpy(model_input) for e, _, model_input in embedded_slices}
+    model = copy.deepcopy(base)
+    report = train_litemedsam(
+        model, lambda rng: make_samples(items, rng, kinds=("loose",)), inputs,
+        train_encoder=True, epochs=1, batch_size=2, lr=1e-4,
+    )
+    assert report.steps == 1 and np.isfinite(report.losses).all()
+    changed = [n for n, v in model.image_encoder.state_dict().items()
+               if not torch.equal(v, base.image_encoder.state_dict()[n])]
+    assert changed and not model.image_encoder.training
+    path = save_finetuned(model, tmp_path / "full.pt", include_encoder=True)
+    tuned = load_litemedsam("cpu", finetuned_path=path)
+    assert tuned.encoder_version != base.encoder_version and tuned.encoder_version.startswith(base.encoder_version)
+    image = embedded_slices[0][2]
+    assert SliceSegmenter(model=tuned).prepare(image)[3] != SliceSegmenter(model=base).prepare(image)[3]

@@ -18,11 +18,13 @@ import workers.segmentation
 from core.brush_rle import brush_result_to_mask, decode_rle, mask_to_brush_result
 from core.case_store import CaseStore
 from core.errors import AnnotationError, InputError
-from core.queues import INTERACTIVE_QUEUE, SEGMENT_INTERACTIVE_JOB
+from core.queues import INTERACTIVE_QUEUE, PREANNOTATE_QUEUE, SEGMENT_INTERACTIVE_JOB, WARM_EMBEDDINGS_JOB
 from core.redis_store import STATUS_DONE, STATUS_NO_MODEL, PreannotationStore
 from importers.pipeline import ImportOptions, import_patient
 from workers.jobs import (
     PROPAGATED_PREFIX,
+    WARM_ENV,
+    middle_out,
     preannotate_case,
     propagate_annotation,
     propagation_range,
@@ -107,10 +109,11 @@ def test_input_errors_are_not_retried_by_rq(case, redis_db, monkeypatch) -> None
 # ---------------------------------------------------------------------------------- pre-annotation
 
 
-def test_without_an_automatic_model_the_case_gets_a_clear_status(case, redis_db) -> None:
+def test_without_an_automatic_model_the_case_gets_a_clear_status(case, redis_db, monkeypatch) -> None:
     data_dir, _ = case
+    monkeypatch.setenv(WARM_ENV, "0")  # warming is tested below, with a worker
     out = preannotate_case(CASE, "T2", "sts-initial", data_dir=data_dir, connection=redis_db)
-    assert out["status"] == STATUS_NO_MODEL and "no automatic model" in out["reason"]
+    assert out["status"] == STATUS_NO_MODEL and "no automatic model" in out["reason"] and out["warm"] is None
     status = PreannotationStore(redis_db).status("sts-initial", CASE, "T2")
     assert status["status"] == STATUS_NO_MODEL
     assert 0 < redis_db.ttl(f"sts:pre-status:sts-initial:{CASE}:T2") <= 3600
@@ -220,3 +223,68 @@ def test_a_slice_annotated_during_propagation_is_left_alone(case, monkeypatch) -
     created = {e[1] for e in client.log if e[0] == "create"}
     assert 112 not in created
     assert created == {100 + z for z in range(truth.shape[0]) if truth[z].any() and z not in (12, SEED)}
+
+
+# ------------------------------------------------------------------------------ embedding warm-up
+
+
+def test_slices_are_warmed_from_the_centre_outwards() -> None:
+    assert middle_out(5) == [2, 3, 1, 4, 0]
+    assert middle_out(4, centre=0) == [0, 1, 2, 3]
+    assert middle_out(3, centre=9) == [2, 1, 0]
+
+
+def test_warming_makes_way_for_annotators_and_serves_another_worker(case, redis_db, monkeypatch, tmp_path) -> None:
+    """A warm-up job embeds one slice, sees an annotator waiting, enqueues the rest behind them; the
+    embedding it stored on disk then answers a first click in a fresh process without the encoder."""
+    data_dir, truth = case
+    monkeypatch.setenv("STS_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("STS_EMBEDDING_CACHE", str(tmp_path / "embeddings"))
+    monkeypatch.setattr(workers.segmentation, "_DEFAULT_SEGMENTER", None)
+    interactive = Queue(INTERACTIVE_QUEUE, connection=redis_db)
+    interactive.enqueue_call(SEGMENT_INTERACTIVE_JOB, kwargs={"case_id": CASE, "modality": "T2", "slice_index": 0,
+                                                              "box": [1, 1, 9, 9]})  # an annotator waiting
+    preannotate = Queue(PREANNOTATE_QUEUE, connection=redis_db)
+    first = preannotate.enqueue_call(WARM_EMBEDDINGS_JOB, kwargs={"case_id": CASE, "modality": "T2",
+                                                                   "centre": SEED})
+    SimpleWorker([preannotate], connection=redis_db).work(burst=True, max_jobs=2, with_scheduler=False)
+    first.refresh()
+    result = first.return_value()
+    assert first.is_finished and result["yielded"] and result["embedded"] == 1 and result["shared"]
+    assert result["left"] == truth.shape[0] - 1
+    assert preannotate.count == 1  # the third part waits behind the annotator
+    rest = preannotate.jobs[0]
+    assert rest.func_name == WARM_EMBEDDINGS_JOB and rest.kwargs["centre"] == SEED  # same order: SEED - 1 next
+    stored = list((tmp_path / "embeddings").rglob("*.npz"))
+    assert len(stored) == 2  # SEED, then SEED + 1 by the second job
+
+    monkeypatch.setattr(workers.segmentation, "_DEFAULT_SEGMENTER", None)  # another worker process
+    segment_interactive(CASE, "T2", SEED, box=truth_box(truth[SEED]), data_dir=data_dir)
+    assert workers.segmentation.default_segmenter().encoder_calls == 0
+    segment_interactive(CASE, "T2", SEED + 3, box=truth_box(truth[SEED + 3]), data_dir=data_dir)
+    assert workers.segmentation.default_segmenter().encoder_calls == 1
+
+
+def test_the_disk_cache_is_pruned_least_recently_used_first(tmp_path, monkeypatch) -> None:
+    import os
+
+    import torch
+
+    from core.errors import ConfigError
+    from workers.segmentation import DiskEmbeddingCache, embedding_cache_budget_bytes
+
+    cache = DiskEmbeddingCache(tmp_path, "v1", max_entries=8)
+    for age, key in enumerate(["aa1", "bb2", "cc3"]):
+        cache.put(key, torch.full((1, 4, 2, 2), float(age)))
+        os.utime(cache.path_for(key), (1000 + age, 1000 + age))
+    cache.clear()
+    assert float(cache.get("aa1").float().mean()) == 0.0  # read from disk: now the most recent
+    size = cache.path_for("aa1").stat().st_size
+    assert cache.prune(2 * size) == 1
+    assert not cache.path_for("bb2").exists() and cache.path_for("aa1").exists() and cache.path_for("cc3").exists()
+    assert "bb2" not in cache and "cc3" in cache
+    monkeypatch.setenv("STS_EMBEDDING_CACHE_GB", "0.5")
+    assert embedding_cache_budget_bytes() == 500_000_000
+    monkeypatch.setenv("STS_EMBEDDING_CACHE_GB", "lots")
+    with pytest.raises(ConfigError, match="STS_EMBEDDING_CACHE_GB"):
+        embedding_cache_budget_bytes()

