@@ -26,18 +26,21 @@ import requests
 from click.testing import CliRunner
 from rq import Queue, Retry, Worker
 from rq.job import Job
-from rq.registry import FailedJobRegistry, FinishedJobRegistry
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from werkzeug.serving import make_server
 
 from backend.app import create_app
 from backend.settings import BackendSettings
 from core.brush_rle import brush_result_to_mask, mask_to_brush_result
-from core.queues import PREANNOTATE_QUEUE, TRAIN_QUEUE
+from core.case_store import CaseStore
+from core.queues import PREANNOTATE_CASE_JOB, PREANNOTATE_QUEUE, PROPAGATE_ANNOTATION_JOB, TRAIN_QUEUE
 from core.redis_store import DEFAULT_MODEL_VERSION, STATUS_NO_MODEL, PreannotationStore
 from core.settings import Settings
 from importers.cli import main as import_main
 from tests.services import find_free_port
-from workers.jobs import PROPAGATED_PREFIX
+from workers.jobs import PROPAGATED_PREFIX, read_slice
+from workers.models.litemedsam import preprocess_slice
+from workers.segmentation import DiskEmbeddingCache, embedding_key
 
 pytestmark = [pytest.mark.label_studio, pytest.mark.slow]
 
@@ -93,13 +96,23 @@ class Stack:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Token {self.label_studio.token}"}
 
+    @property
+    def embedding_dir(self) -> Path:
+        """The workers' shared embedding cache (as ``STS_EMBEDDING_CACHE`` in the stack and compose)."""
+        return self.log_dir.parent / f"{self.log_dir.name}-embeddings"
+
+    def preannotate_idle(self) -> bool:
+        queue = Queue(PREANNOTATE_QUEUE, connection=self.redis)
+        return queue.count == 0 and StartedJobRegistry(PREANNOTATE_QUEUE, connection=self.redis).count == 0
+
     def tasks(self, modality: str = "T2") -> dict[int, Any]:
         listed = self.ls.tasks.list(project=self.project_id, fields="all", page_size=500)
         return {t.data["slice_index"]: t for t in listed if t.data["modality"] == modality}
 
     def start_worker(self, *args: str) -> subprocess.Popen:
         env = {**os.environ, "REDIS_URL": self.redis_url, "STS_DATA_DIR": str(self.data_dir),
-               "LABEL_STUDIO_URL": self.label_studio.url, "LABEL_STUDIO_API_KEY": self.label_studio.token}
+               "LABEL_STUDIO_URL": self.label_studio.url, "LABEL_STUDIO_API_KEY": self.label_studio.token,
+               "STS_EMBEDDING_CACHE": str(self.embedding_dir)}
         log = self.log_dir / f"worker-{len(self.worker_logs)}.log"
         self.worker_logs.append(log)
         with open(log, "wb") as handle:
@@ -219,7 +232,9 @@ def test_a_prompt_outside_the_image_is_an_error_in_label_studio(stack: Stack) ->
     assert "422" in " ".join(reply.get("errors", [])), reply
 
 
-def test_retrieve_predictions_enqueues_the_cases_once_and_stores_nothing_without_a_model(stack: Stack) -> None:
+def test_retrieve_predictions_enqueues_the_cases_once_and_warms_them_without_a_model(stack: Stack) -> None:
+    """No automatic model: each case and modality is marked so, once, and its slices are embedded
+    ahead of the annotator's first click (every slice of both modalities ends in the shared cache)."""
     def retrieve() -> requests.Response:
         return requests.post(f"{stack.label_studio.url}/api/dm/actions",
                              params={"id": "retrieve_tasks_predictions", "project": stack.project_id},
@@ -231,10 +246,22 @@ def test_retrieve_predictions_enqueues_the_cases_once_and_stores_nothing_without
     assert response.status_code == 200, response.text
     wait_for(lambda: all((store.status(DEFAULT_MODEL_VERSION, CASE, m) or {}).get("status") == STATUS_NO_MODEL
                          for m in ("T1", "T2")), 60, "both modalities to be marked no_model", stack)
+    wait_for(stack.preannotate_idle, 600, "the slices to be warmed", stack)
     finished = FinishedJobRegistry(PREANNOTATE_QUEUE, connection=stack.redis)
-    assert finished.count == 2 and FailedJobRegistry(PREANNOTATE_QUEUE, connection=stack.redis).count == 0
+    cases = [j for j in Job.fetch_many(finished.get_job_ids(), connection=stack.redis)
+             if j is not None and j.func_name == PREANNOTATE_CASE_JOB]
+    assert len(cases) == 2 and FailedJobRegistry(PREANNOTATE_QUEUE, connection=stack.redis).count == 0
+    (version_dir,) = stack.embedding_dir.iterdir()  # one encoder version
+    cache = DiskEmbeddingCache(stack.embedding_dir, version_dir.name)
+    layout = CaseStore(stack.data_dir).case(CASE)
+    for modality in ("T1", "T2"):
+        for z in stack.tasks(modality):
+            model_input, _ = preprocess_slice(read_slice(layout, modality, z))
+            assert cache.path_for(embedding_key(model_input, version_dir.name)).is_file(), (modality, z)
     assert retrieve().status_code == 200
-    assert len(Queue(PREANNOTATE_QUEUE, connection=stack.redis)) == 0 and finished.count == 2
+    assert len(Queue(PREANNOTATE_QUEUE, connection=stack.redis)) == 0
+    assert len([i for i in finished.get_job_ids() if i in {j.id for j in cases}]) == 2
+    assert stack.preannotate_idle()
     for task in stack.tasks().values():
         assert not [p for p in task.predictions if p.model_version == DEFAULT_MODEL_VERSION]
 
@@ -254,11 +281,12 @@ def test_a_saved_annotation_is_propagated_to_unannotated_neighbours(stack: Stack
         def done() -> bool:
             failed = FailedJobRegistry(PREANNOTATE_QUEUE, connection=stack.redis).get_job_ids()
             assert not failed, Job.fetch(failed[0], connection=stack.redis).latest_result().exc_string
-            return finished.count >= count
+            jobs = Job.fetch_many(finished.get_job_ids(), connection=stack.redis)
+            return sum(j is not None and j.func_name == PROPAGATE_ANNOTATION_JOB for j in jobs) >= count
         return done
 
     start = time.perf_counter()
-    wait_for(propagation_finished(3), 150, "the propagation job to finish", stack)  # after 2 pre-annotation jobs
+    wait_for(propagation_finished(1), 150, "the propagation job to finish", stack)
     tasks = stack.tasks()
     print(f"\npropagation over slices {REVIEWED[0] + 1}-{REVIEWED[1] - 1} took {time.perf_counter() - start:.1f} s")
     between = [z for z in range(REVIEWED[0] + 1, REVIEWED[1]) if z != SEED]
@@ -276,7 +304,7 @@ def test_a_saved_annotation_is_propagated_to_unannotated_neighbours(stack: Stack
 
     # Saving the annotation again replaces the propagated predictions, never duplicates them.
     stack.ls.annotations.update(id=annotation.id, result=[brush])
-    wait_for(propagation_finished(4), 120, "the second propagation", stack)
+    wait_for(propagation_finished(2), 120, "the second propagation", stack)
     again = stack.tasks()
     for z in between:
         (replaced,) = propagated(again[z])
