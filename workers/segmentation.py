@@ -537,6 +537,13 @@ class PropagationSettings:
             ``ring_px`` around the seed mask): the model outlined something that does not look like
             the tumour the annotator drew.
         ring_px: width of that ring.
+        shape_prior: weight (in logits) of the previous slice's outline: ``shape_prior ×
+            tanh(d / shape_prior_px)`` is added to the model's logits, ``d`` being the signed distance
+            (px, positive inside) to the previous mask's border. Between slices 3-5 mm apart a tumour's
+            outline changes little, while the model alone, prompted by a box only, drifts a little each
+            slice and the drift compounds; the prior pulls ambiguous pixels towards the last outline
+            and leaves confident ones to the model. 0 turns it off.
+        shape_prior_px: distance (px) over which that pull saturates.
     """
 
     box_margin_px: float = 3.0
@@ -547,10 +554,16 @@ class PropagationSettings:
     max_growth: float = float("inf")
     min_likeness: float = 0.7
     ring_px: float = 10.0
+    shape_prior: float = 2.0
+    shape_prior_px: float = 3.0
 
 
 DEFAULT_PROPAGATION = PropagationSettings()
-"""The settings ``propagate`` uses unless told otherwise (measured in benchmarks/eval_segmentation.py)."""
+"""The settings ``propagate`` uses unless told otherwise (measured in benchmarks/eval_segmentation.py).
+
+The shape prior (2 logits over 3 px) was chosen on the first 12 IBSI patients (mean volume Dice
+0.695 → 0.729; weights 2-8 and widths 3-6 px all gave 0.713-0.735) and then checked on the other 13,
+which played no part in the choice: 0.807 → 0.824 (median 0.805 → 0.835)."""
 
 
 @dataclass
@@ -603,6 +616,17 @@ def _mean_direction(cells: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return mean / max(float(np.linalg.norm(mean)), 1e-6)
 
 
+def signed_distance(mask: np.ndarray) -> np.ndarray:
+    """Float32 distance (px) to ``mask``'s border: positive inside, negative outside.
+
+    The image border does not count as the mask's border (a mask touching it stays "inside" there).
+    """
+    inside = mask.astype(np.uint8)
+    d_in = cv2.distanceTransform(np.pad(inside, 1, mode="edge"), cv2.DIST_L2, 5)[1:-1, 1:-1]
+    d_out = cv2.distanceTransform(np.pad(1 - inside, 1, mode="edge"), cv2.DIST_L2, 5)[1:-1, 1:-1]
+    return d_in - d_out
+
+
 def _disk(radius_px: float) -> np.ndarray:
     size = 2 * int(np.ceil(radius_px)) + 1
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
@@ -621,7 +645,10 @@ def _propagate_step(
     box = check_box(mask_box(previous) + np.array([-1, -1, 1, 1]) * settings.box_margin_px, image.shape)
     embedded = segmenter.embed(image)
     logits, iou = segmenter.decode(embedded, boxes=box[None])
-    mask = segmenter.postprocess(logits[0, 0], box)
+    logit = logits[0, 0]
+    if settings.shape_prior:
+        logit = logit + settings.shape_prior * np.tanh(signed_distance(previous) / settings.shape_prior_px)
+    mask = segmenter.postprocess(logit, box)
     area_uncut = int(mask.sum())
     overlap = 1.0
     if settings.max_shift_px is not None and area_uncut:
