@@ -27,6 +27,7 @@ Image embeddings are cached on disk (``~/.cache/sts-annotate/embeddings/<model v
 them. Usage::
 
     .venv/bin/python benchmarks/eval_segmentation.py [--patients N] [--parts abcde]
+    .venv/bin/python benchmarks/eval_segmentation.py --parts d --crop --no-naive --shape-prior 0   # no prior
 """
 
 from __future__ import annotations
@@ -134,28 +135,36 @@ def evaluate_slices(segmenter, patients: list[tuple[str, np.ndarray, np.ndarray]
             print(f"{titles[key]}: Dice {summary(scores[key])}")
 
 
-def evaluate_propagation(segmenter, patients: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
+def evaluate_propagation(segmenter, patients: list[tuple[str, np.ndarray, np.ndarray]],
+                         shape_prior: float | None = None, with_naive: bool = True) -> None:
     """Part (d): volume Dice of ``propagate`` and of the naive chain, seeded on the largest slice."""
-    from workers.segmentation import propagate
+    import dataclasses
 
+    from workers.segmentation import DEFAULT_PROPAGATION, propagate
+
+    settings = DEFAULT_PROPAGATION
+    if shape_prior is not None:
+        settings = dataclasses.replace(DEFAULT_PROPAGATION, shape_prior=shape_prior)
+    print(f"(d) propagation settings: {settings}")
     ours, naive = [], []
     for name, image, mask in patients:
         seed_index = int(np.argmax(mask.reshape(len(mask), -1).sum(1)))
         started = time.perf_counter()
-        result = propagate(image, seed_index, mask[seed_index], segmenter=segmenter)
+        result = propagate(image, seed_index, mask[seed_index], segmenter=segmenter, settings=settings)
         seconds = time.perf_counter() - started
-        baseline = naive_chain(segmenter, image, seed_index, mask[seed_index])
         ours.append(dice(result, mask))
-        naive.append(dice(baseline, mask))
+        if with_naive:
+            naive.append(dice(naive_chain(segmenter, image, seed_index, mask[seed_index]), mask))
         truth_z = np.nonzero(mask.any(axis=(1, 2)))[0]
         found_z = np.nonzero(result.any(axis=(1, 2)))[0]
         print(
-            f"  {name}: propagate {ours[-1]:.3f}  naive {naive[-1]:.3f}  "
+            f"  {name}: propagate {ours[-1]:.3f}  naive {naive[-1] if naive else float('nan'):.3f}  "
             f"slices truth {truth_z.min()}-{truth_z.max()} found {found_z.min()}-{found_z.max()}  [{seconds:.0f} s]",
             flush=True,
         )
     print(f"(d) propagate from the largest slice: volume Dice {summary(ours)}")
-    print(f"    naive chain (box of previous result + 5 px): volume Dice {summary(naive)}")
+    if naive:
+        print(f"    naive chain (box of previous result + 5 px): volume Dice {summary(naive)}")
 
 
 def evaluate_latency(model, patients: list[tuple[str, np.ndarray, np.ndarray]], repeats: int = 5) -> None:
@@ -187,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--embedding-dir", type=Path, default=DEFAULT_EMBEDDING_DIR)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument("--names", default="", help="comma-separated patients (instead of --patients)")
+    parser.add_argument("--shape-prior", type=float, default=None, help="(d): override the shape prior (0: off)")
+    parser.add_argument("--no-naive", action="store_true", help="(d): skip the naive chain")
+    parser.add_argument("--crop", action="store_true",
+                        help="only the tumour's slices ± 3, as finetune_cv.py (and its embedding cache) uses them")
     args = parser.parse_args(argv)
 
     import torch
@@ -196,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(2)
     folders = sorted(p for p in args.data_dir.glob("STS_*") if p.is_dir())[: args.patients]
+    if args.names:
+        folders = [p for p in folders if p.name in args.names.split(",")]
     if not folders:
         print(f"{args.data_dir}: no STS_* folders (set $STS_SHARED_DATA)", file=sys.stderr)
         return 1
@@ -209,11 +225,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     cache = DiskEmbeddingCache(args.embedding_dir, model.encoder_version, max_entries=512)
     segmenter = SliceSegmenter(model=model, cache=cache)
-    patients = [(folder.name, *read_patient(folder)) for folder in folders]
+    if args.crop:
+        from finetune_cv import load_patients
+
+        patients = load_patients(args.data_dir, [folder.name for folder in folders])
+    else:
+        patients = [(folder.name, *read_patient(folder)) for folder in folders]
     if set(args.parts) & set("abc"):
         evaluate_slices(segmenter, patients, args.parts, args.seed)
     if "d" in args.parts:
-        evaluate_propagation(segmenter, patients)
+        evaluate_propagation(segmenter, patients, args.shape_prior, with_naive=not args.no_naive)
     if "e" in args.parts:
         evaluate_latency(model, patients)
     print(f"image encoder runs: {segmenter.encoder_calls} (others from {cache.root}); "
