@@ -15,6 +15,10 @@ in percent around the tumour):
 It prints p50/p95 for both, and the time of a "retrieve predictions" call with 1,000 tasks.
 
     .venv/bin/python benchmarks/bench_interactive.py [--slices 8] [--repeat 5]
+
+On a machine without the importer's dependencies (the GPU device: no SimpleITK or pydicom), import
+the phantom here and carry the case store: ``--prepare DIR`` writes it (with the true mask) and
+exits, ``--prepared DIR`` benchmarks on it (``benchmarks/prepare_device.sh`` does this).
 """
 
 from __future__ import annotations
@@ -71,12 +75,32 @@ def wait_for_idle(connection, queue_name: str, timeout_s: float = 900) -> None:
         time.sleep(0.5)
 
 
+def prepare_case(folder: Path) -> Path:
+    """Import the phantom patient as case ``BENCH`` into ``folder/data``; its true mask to ``truth.npz``."""
+    from core.case_store import CaseStore
+    from importers.phantom import write_phantom_patient
+    from importers.pipeline import ImportOptions, import_patient
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        truth = write_phantom_patient(Path(tmp) / "patient", tissue="Myxoid", seed=3)
+        import_patient(Path(tmp) / "patient", ImportOptions("BENCH"), CaseStore(folder / "data"), sync=None)
+    np.savez_compressed(folder / "truth.npz", mask=truth.t1.array.astype(bool))
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slices", type=int, default=8, help="distinct slices (first calls)")
     parser.add_argument("--repeat", type=int, default=5, help="repeated calls per slice")
     parser.add_argument("--modality", default="T2")
+    parser.add_argument("--prepare", type=Path, help="only import the phantom case into DIR (and exit)")
+    parser.add_argument("--prepared", type=Path, help="benchmark on a case DIR written by --prepare")
     args = parser.parse_args()
+    if args.prepare:
+        prepare_case(args.prepare)
+        print(f"case store and true mask written to {args.prepare}")
+        return
     import logging
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
@@ -84,16 +108,12 @@ def main() -> None:
 
     from backend.app import create_app
     from backend.settings import BackendSettings
-    from core.case_store import CaseStore
     from core.settings import Settings
-    from importers.phantom import write_phantom_patient
-    from importers.pipeline import ImportOptions, import_patient
 
     with tempfile.TemporaryDirectory() as tmp, RedisServer() as redis_server:
-        data_dir = Path(tmp) / "data"
-        truth = write_phantom_patient(Path(tmp) / "patient", tissue="Myxoid", seed=3)
-        import_patient(Path(tmp) / "patient", ImportOptions("BENCH"), CaseStore(data_dir), sync=None)
-        mask = truth.t1.array.astype(bool)
+        prepared = args.prepared or prepare_case(Path(tmp) / "case")
+        data_dir = prepared / "data"
+        mask = np.load(prepared / "truth.npz")["mask"]
         tumour_slices = [int(z) for z in np.flatnonzero(mask.any(axis=(1, 2)))]
         slices = tumour_slices[:: max(1, len(tumour_slices) // args.slices)][: args.slices]
         warmed_slices = [z for z in tumour_slices if z not in slices]
