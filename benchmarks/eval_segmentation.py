@@ -136,7 +136,8 @@ def evaluate_slices(segmenter, patients: list[tuple[str, np.ndarray, np.ndarray]
 
 
 def evaluate_propagation(segmenter, patients: list[tuple[str, np.ndarray, np.ndarray]],
-                         shape_prior: float | None = None, with_naive: bool = True) -> None:
+                         shape_prior: float | None = None, with_naive: bool = True,
+                         overrides: list[str] | None = None) -> None:
     """Part (d): volume Dice of ``propagate`` and of the naive chain, seeded on the largest slice."""
     import dataclasses
 
@@ -145,6 +146,9 @@ def evaluate_propagation(segmenter, patients: list[tuple[str, np.ndarray, np.nda
     settings = DEFAULT_PROPAGATION
     if shape_prior is not None:
         settings = dataclasses.replace(DEFAULT_PROPAGATION, shape_prior=shape_prior)
+    for override in overrides or []:
+        field, _, value = override.partition("=")
+        settings = dataclasses.replace(settings, **{field: float(value)})
     print(f"(d) propagation settings: {settings}")
     ours, naive = [], []
     for name, image, mask in patients:
@@ -198,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--names", default="", help="comma-separated patients (instead of --patients)")
     parser.add_argument("--shape-prior", type=float, default=None, help="(d): override the shape prior (0: off)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="(d): override a PropagationSettings field, e.g. --set box_margin_px=2 (repeatable)")
     parser.add_argument("--no-naive", action="store_true", help="(d): skip the naive chain")
     parser.add_argument("--crop", action="store_true",
                         help="only the tumour's slices ± 3, as finetune_cv.py (and its embedding cache) uses them")
@@ -234,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     if set(args.parts) & set("abc"):
         evaluate_slices(segmenter, patients, args.parts, args.seed)
     if "d" in args.parts:
-        evaluate_propagation(segmenter, patients, args.shape_prior, with_naive=not args.no_naive)
+        evaluate_propagation(segmenter, patients, args.shape_prior, with_naive=not args.no_naive,
+                             overrides=args.set)
     if "e" in args.parts:
         evaluate_latency(model, patients)
     print(f"image encoder runs: {segmenter.encoder_calls} (others from {cache.root}); "
