@@ -22,6 +22,14 @@ What is measured (all on CPU unless a GPU is visible):
 (e) latency of ``segment_slice`` on CPU: first call on a slice (image encoder + decoder) and a
     second call on the same slice (prompt encoder + decoder only), median milliseconds.
 
+Tried on these patients and rejected (development figures, off-the-shelf model; details in issue 3):
+zooming on the box (a crop of 2-3× its side resized to 256: no gain, the IBSI crops already show the
+tumour at full resolution); raising the mask threshold (+0.015 on (b), -0.002 on (a)); re-prompting
+with the first mask's box (worse on both); moving the box sides in towards the first mask (helps
+loose boxes, hurts tight ones: a 0 px box fell from 0.84 to 0.81); a 1.5 px propagation box (won on
+the 12 tuning patients, lost on the other 13). The model over-segments loose boxes (median predicted
+area 1.35× the truth for (b)); that is left to fine-tuning.
+
 Image embeddings are cached on disk (``~/.cache/sts-annotate/embeddings/<model version>/``, see
 ``workers.segmentation.DiskEmbeddingCache``) so that re-runs take minutes, and fine-tuning can reuse
 them. Usage::
