@@ -35,7 +35,7 @@ Image embeddings are cached on disk (``~/.cache/sts-annotate/embeddings/<model v
 them. Usage::
 
     .venv/bin/python benchmarks/eval_segmentation.py [--patients N] [--parts abcde]
-    .venv/bin/python benchmarks/eval_segmentation.py --parts d --crop --no-naive --shape-prior 0   # no prior
+    .venv/bin/python benchmarks/eval_segmentation.py --parts d --crop --no-naive --set shape_prior=0   # no prior
 """
 
 from __future__ import annotations
@@ -144,19 +144,13 @@ def evaluate_slices(segmenter, patients: list[tuple[str, np.ndarray, np.ndarray]
 
 
 def evaluate_propagation(segmenter, patients: list[tuple[str, np.ndarray, np.ndarray]],
-                         shape_prior: float | None = None, with_naive: bool = True,
-                         overrides: list[str] | None = None) -> None:
+                         with_naive: bool = True, overrides: dict[str, float] | None = None) -> None:
     """Part (d): volume Dice of ``propagate`` and of the naive chain, seeded on the largest slice."""
     import dataclasses
 
     from workers.segmentation import DEFAULT_PROPAGATION, propagate
 
-    settings = DEFAULT_PROPAGATION
-    if shape_prior is not None:
-        settings = dataclasses.replace(DEFAULT_PROPAGATION, shape_prior=shape_prior)
-    for override in overrides or []:
-        field, _, value = override.partition("=")
-        settings = dataclasses.replace(settings, **{field: float(value)})
+    settings = dataclasses.replace(DEFAULT_PROPAGATION, **(overrides or {}))
     print(f"(d) propagation settings: {settings}")
     ours, naive = [], []
     for name, image, mask in patients:
@@ -201,6 +195,28 @@ def evaluate_latency(model, patients: list[tuple[str, np.ndarray, np.ndarray]], 
     )
 
 
+def parse_overrides(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, float]:
+    """``--set FIELD=VALUE`` pairs as keyword overrides of ``PropagationSettings``.
+
+    A typo must stop the run with the field's name, not silently measure the defaults again.
+    """
+    import dataclasses
+
+    from workers.segmentation import PropagationSettings
+
+    known = {f.name for f in dataclasses.fields(PropagationSettings)}
+    overrides = {}
+    for pair in pairs:
+        field, sep, value = pair.partition("=")
+        if not sep or field not in known:
+            parser.error(f"--set {pair}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(known))}")
+        try:
+            overrides[field] = float(value)
+        except ValueError:
+            parser.error(f"--set {pair}: {value!r} is not a number")
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=None, help="only the first N patients (sorted by name)")
@@ -209,7 +225,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embedding-dir", type=Path, default=DEFAULT_EMBEDDING_DIR)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--names", default="", help="comma-separated patients (instead of --patients)")
-    parser.add_argument("--shape-prior", type=float, default=None, help="(d): override the shape prior (0: off)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="(d): override a PropagationSettings field, e.g. --set box_margin_px=2 (repeatable)")
     parser.add_argument("--no-naive", action="store_true", help="(d): skip the naive chain")
@@ -248,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     if set(args.parts) & set("abc"):
         evaluate_slices(segmenter, patients, args.parts, args.seed)
     if "d" in args.parts:
-        evaluate_propagation(segmenter, patients, args.shape_prior, with_naive=not args.no_naive,
-                             overrides=args.set)
+        evaluate_propagation(segmenter, patients, with_naive=not args.no_naive,
+                             overrides=parse_overrides(parser, args.set))
     if "e" in args.parts:
         evaluate_latency(model, patients)
     print(f"image encoder runs: {segmenter.encoder_calls} (others from {cache.root}); "
