@@ -16,6 +16,7 @@ it); their embeddings come from the on-disk cache (computed and stored when miss
 
     .venv/bin/python benchmarks/finetune_cv.py [--folds 5] [--epochs 2] [--max-samples N] [--json out.json]
     .venv/bin/python benchmarks/finetune_cv.py --train-all models/decoder.pt   # then STS_LITEMEDSAM_DECODER
+    .venv/bin/python benchmarks/finetune_cv.py --ensemble ...   # also the off-the-shelf + fine-tuned mean
 """
 
 from __future__ import annotations
@@ -186,13 +187,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the figures here as JSON")
     parser.add_argument("--packed", type=Path, default=None, help="read the patients from pack_ibsi.py's .npz")
     parser.add_argument("--train-encoder", action="store_true", help="fine-tune the image encoder too (GPU)")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="also score the mean of the off-the-shelf and fine-tuned decoders (DecoderEnsemble)")
     parser.add_argument("--kinds", default="tight,loose,neighbour", help="prompt kinds to train on")
     args = parser.parse_args(argv)
+    if args.ensemble and args.train_encoder:
+        parser.error("--ensemble needs a decoder-only fine-tune (the members must share the image encoder)")
 
     import torch
 
     from workers.finetune import save_finetuned
-    from workers.models import load_litemedsam
+    from workers.models import DecoderEnsemble, load_litemedsam
     from workers.segmentation import DiskEmbeddingCache, SliceSegmenter
 
     torch.set_num_threads(args.threads)
@@ -233,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [p[0] for p in patients]
     folds = [[n for i, n in enumerate(names) if i % args.folds == k] for k in range(args.folds)]
     wanted = [int(k) for k in args.only_folds.split(",") if k] or list(range(args.folds))
-    totals: dict[str, dict[str, list[float]]] = {"off-the-shelf": {}, "fine-tuned": {}}
+    totals: dict[str, dict[str, list[float]]] = {"off-the-shelf": {}, "fine-tuned": {}, "ensemble": {}}
     for k in wanted:
         held_out = [p for p in patients if p[0] in folds[k]]
         train_items = [i for name, v in items.items() if name not in folds[k] for i in v]
@@ -243,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
             "off-the-shelf": evaluate(base_segmenter, held_out, args.seed + 100 + k),
             "fine-tuned": evaluate(tuned_segmenter(model, args), held_out, args.seed + 100 + k),
         }
+        if args.ensemble:
+            ensemble = SliceSegmenter(model=DecoderEnsemble([base, model]), cache=args.cache)
+            results["ensemble"] = evaluate(ensemble, held_out, args.seed + 100 + k)
         line = []
         for label, scores in results.items():
             for part, values in scores.items():
@@ -258,13 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     print("\nheld-out figures over folds " + ",".join(map(str, wanted)))
     for part, title in titles.items():
         cells = []
-        for label in totals:
+        for label in [label for label in totals if totals[label]]:
             values = np.asarray(totals[label].get(part, []))
             cells.append(f"{label} {values.mean():.4f} (median {np.median(values):.4f}, n={values.size})")
         print(f"  {title}: " + "  |  ".join(cells))
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.json:
-        summary = {label: {part: float(np.mean(v)) for part, v in scores.items()} for label, scores in totals.items()}
+        summary = {label: {part: float(np.mean(v)) for part, v in scores.items()}
+                   for label, scores in totals.items() if scores}
         args.json.write_text(json.dumps({"folds": wanted, "epochs": args.epochs, "summary": summary,
                                          "per_item": totals}, indent=2))
     return 0

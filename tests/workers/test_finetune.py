@@ -18,7 +18,7 @@ from workers.finetune import (
     segmentation_loss,
     train_litemedsam,
 )
-from workers.models.litemedsam import DECODER_ENV, ModelFrame, WeightsError, load_litemedsam
+from workers.models.litemedsam import DECODER_ENV, DecoderEnsemble, ModelFrame, WeightsError, load_litemedsam
 from workers.segmentation import SliceSegmenter
 
 
@@ -154,3 +154,36 @@ def test_encoder_fine_tuning_gets_its_own_embeddings(base, embedded_slices, tmp_
     assert tuned.encoder_version != base.encoder_version and tuned.encoder_version.startswith(base.encoder_version)
     image = embedded_slices[0][2]
     assert SliceSegmenter(model=tuned).prepare(image)[3] != SliceSegmenter(model=base).prepare(image)[3]
+
+
+def test_a_decoder_ensemble_averages_its_members_over_one_embedding(base, embedded_slices):
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.mask_decoder.output_hypernetworks_mlps[0].layers[-1].bias.add_(0.5)
+    tuned.version = f"{base.version}-ft-test"
+    ensemble = DecoderEnsemble([base, tuned])
+    assert ensemble.encoder_version == base.encoder_version and ensemble.version == f"{base.version}+{tuned.version}"
+    embedded, mask, _ = embedded_slices[0]
+    box = torch.tensor([[40.0, 50, 150, 160]])
+    with torch.no_grad():
+        mean, mean_iou = ensemble.decode(embedded.embedding, boxes=box)
+        (a, a_iou), (b, b_iou) = base.decode(embedded.embedding, boxes=box), tuned.decode(embedded.embedding, boxes=box)
+        assert not torch.allclose(a, b)
+        assert torch.allclose(mean, (a + b) / 2, atol=1e-5) and torch.allclose(mean_iou, (a_iou + b_iou) / 2)
+        many, _ = ensemble.decode_many(embedded.embedding, box)
+        assert torch.allclose(many, mean, atol=1e-4)
+
+    # The members share the base encoder, so the base's cached embedding serves the ensemble as is.
+    base_segmenter = SliceSegmenter(model=base)
+    image = (np.random.default_rng(5).normal(200, 30, mask.shape) + 400 * mask).astype(np.float32)
+    base_segmenter.embed(image)
+    segmenter = SliceSegmenter(model=ensemble, cache=base_segmenter.cache)
+    segmenter.segment(image, box=(30, 40, 95, 100))
+    assert segmenter.encoder_calls == 0
+
+
+def test_a_decoder_ensemble_refuses_members_with_different_encoders(base):
+    other = copy.deepcopy(base)
+    other.encoder_version = f"{base.encoder_version}-ft-encoder"
+    with pytest.raises(ValueError, match="share one image encoder"):
+        DecoderEnsemble([base, other])

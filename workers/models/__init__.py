@@ -6,6 +6,7 @@ Only LiteMedSAM so far (box/point-prompted 2-D segmentation); see ``litemedsam``
 from workers.models.litemedsam import (
     DEFAULT_IMAGE_SIZE,
     LITEMEDSAM_SHA256,
+    DecoderEnsemble,
     LiteMedSAM,
     ModelFrame,
     WeightsError,
@@ -19,6 +20,7 @@ from workers.models.litemedsam import (
 __all__ = [
     "DEFAULT_IMAGE_SIZE",
     "LITEMEDSAM_SHA256",
+    "DecoderEnsemble",
     "LiteMedSAM",
     "ModelFrame",
     "WeightsError",
