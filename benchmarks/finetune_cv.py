@@ -16,7 +16,7 @@ it); their embeddings come from the on-disk cache (computed and stored when miss
 
     .venv/bin/python benchmarks/finetune_cv.py [--folds 5] [--epochs 2] [--max-samples N] [--json out.json]
     .venv/bin/python benchmarks/finetune_cv.py --train-all models/decoder.pt   # then STS_LITEMEDSAM_DECODER
-    .venv/bin/python benchmarks/finetune_cv.py --ensemble ...   # also the off-the-shelf + fine-tuned mean
+    .venv/bin/python benchmarks/finetune_cv.py --ensemble --bag 2   # + mean of base and tuned; of 2 tuned
 """
 
 from __future__ import annotations
@@ -189,10 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-encoder", action="store_true", help="fine-tune the image encoder too (GPU)")
     parser.add_argument("--ensemble", action="store_true",
                         help="also score the mean of the off-the-shelf and fine-tuned decoders (DecoderEnsemble)")
+    parser.add_argument("--bag", type=int, default=1,
+                        help="also score the mean of this many fine-tuned decoders trained with other seeds")
     parser.add_argument("--kinds", default="tight,loose,neighbour", help="prompt kinds to train on")
     args = parser.parse_args(argv)
-    if args.ensemble and args.train_encoder:
-        parser.error("--ensemble needs a decoder-only fine-tune (the members must share the image encoder)")
+    if (args.ensemble or args.bag > 1) and args.train_encoder:
+        parser.error("--ensemble and --bag need a decoder-only fine-tune (the members must share the image encoder)")
 
     import torch
 
@@ -238,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     names = [p[0] for p in patients]
     folds = [[n for i, n in enumerate(names) if i % args.folds == k] for k in range(args.folds)]
     wanted = [int(k) for k in args.only_folds.split(",") if k] or list(range(args.folds))
-    totals: dict[str, dict[str, list[float]]] = {"off-the-shelf": {}, "fine-tuned": {}, "ensemble": {}}
+    totals: dict[str, dict[str, list[float]]] = {"off-the-shelf": {}, "fine-tuned": {}, "ensemble": {},
+                                                   "bagged": {}}
     for k in wanted:
         held_out = [p for p in patients if p[0] in folds[k]]
         train_items = [i for name, v in items.items() if name not in folds[k] for i in v]
@@ -251,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.ensemble:
             ensemble = SliceSegmenter(model=DecoderEnsemble([base, model]), cache=args.cache)
             results["ensemble"] = evaluate(ensemble, held_out, args.seed + 100 + k)
+        if args.bag > 1:  # more decoders on the same patients, other seeds (prompt draws and order)
+            members = [model] + [train(base, train_items, args, args.seed + k + 1000 * m, f"fold {k} bag {m}")[0]
+                                 for m in range(1, args.bag)]
+            bagged = SliceSegmenter(model=DecoderEnsemble(members), cache=args.cache)
+            results["bagged"] = evaluate(bagged, held_out, args.seed + 100 + k)
         line = []
         for label, scores in results.items():
             for part, values in scores.items():
@@ -263,19 +271,19 @@ def main(argv: list[str] | None = None) -> int:
     titles = {"a": "(a) box + 5 px, slice Dice", "b": "(b) loose box, slice Dice",
               "d": "(d) propagate from largest slice, volume Dice",
               "d0": "(d0) the same without the likeness stop"}
+    arms = {label: scores for label, scores in totals.items() if scores}  # the arms this run scored
     print("\nheld-out figures over folds " + ",".join(map(str, wanted)))
     for part, title in titles.items():
         cells = []
-        for label in [label for label in totals if totals[label]]:
-            values = np.asarray(totals[label].get(part, []))
+        for label, scores in arms.items():
+            values = np.asarray(scores.get(part, []))
             cells.append(f"{label} {values.mean():.4f} (median {np.median(values):.4f}, n={values.size})")
         print(f"  {title}: " + "  |  ".join(cells))
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.json:
-        summary = {label: {part: float(np.mean(v)) for part, v in scores.items()}
-                   for label, scores in totals.items() if scores}
+        summary = {label: {part: float(np.mean(v)) for part, v in scores.items()} for label, scores in arms.items()}
         args.json.write_text(json.dumps({"folds": wanted, "epochs": args.epochs, "summary": summary,
-                                         "per_item": totals}, indent=2))
+                                         "per_item": arms}, indent=2))
     return 0
 
 
