@@ -240,9 +240,9 @@ class DecoderEnsemble(nn.Module):
 
     A decoder fine-tuned on a couple of dozen patients helps on average but can fail badly where the
     off-the-shelf one did well (cross-validation, fold 1: propagation on one patient fell from 0.86
-    to 0.49 volume Dice). Averaging the two decoders' logits keeps most of the gain and damps such a
-    failure; the decoders share the embedding (and its cache), so it costs one more decoder call,
-    a few milliseconds, not another encoder pass.
+    to 0.49 volume Dice). Averaging its logits with the off-the-shelf decoder's (or with other
+    fine-tuned decoders') was meant to damp such failures; the decoders share the embedding (and its
+    cache), so it costs one more decoder call, a few milliseconds, not another encoder pass.
 
     It has ``LiteMedSAM``'s interface (``embed``, ``decode``, ``decode_many``, ``version``,
     ``encoder_version``, ``device``), so a ``SliceSegmenter`` takes either.
@@ -252,7 +252,8 @@ class DecoderEnsemble(nn.Module):
     (b) loose box 0.828 → 0.819, (d) propagation 0.788 → 0.796 (paired bootstrap 95 % CI of the
     gain -0.025 to +0.042; the fold 1 patient recovered 0.49 → 0.79, while another fell 0.67 → 0.42,
     where the off-the-shelf decoder alone scored 0.29).
-    Not a clear win, so workers serve the fine-tuned decoder alone; this stays for evaluation.
+    Two fine-tuned decoders of different seeds (``--bag 2``, folds 0-1) did no better than one.
+    Neither is a clear win, so workers serve the fine-tuned decoder alone; this stays for evaluation.
     """
 
     def __init__(self, members: list[LiteMedSAM]) -> None:
