@@ -41,6 +41,7 @@ them. Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -146,8 +147,6 @@ def evaluate_slices(segmenter, patients: list[tuple[str, np.ndarray, np.ndarray]
 def evaluate_propagation(segmenter, patients: list[tuple[str, np.ndarray, np.ndarray]],
                          with_naive: bool = True, overrides: dict[str, float] | None = None) -> None:
     """Part (d): volume Dice of ``propagate`` and of the naive chain, seeded on the largest slice."""
-    import dataclasses
-
     from workers.segmentation import DEFAULT_PROPAGATION, propagate
 
     settings = dataclasses.replace(DEFAULT_PROPAGATION, **(overrides or {}))
@@ -200,8 +199,6 @@ def parse_overrides(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[s
 
     A typo must stop the run with the field's name, not silently measure the defaults again.
     """
-    import dataclasses
-
     from workers.segmentation import PropagationSettings
 
     known = {f.name for f in dataclasses.fields(PropagationSettings)}

@@ -240,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [p[0] for p in patients]
     folds = [[n for i, n in enumerate(names) if i % args.folds == k] for k in range(args.folds)]
     wanted = [int(k) for k in args.only_folds.split(",") if k] or list(range(args.folds))
-    totals: dict[str, dict[str, list[float]]] = {"off-the-shelf": {}, "fine-tuned": {}, "ensemble": {},
-                                                   "bagged": {}}
+    totals: dict[str, dict[str, list[float]]] = {}  # arm → part → held-out scores, in the order scored
     for k in wanted:
         held_out = [p for p in patients if p[0] in folds[k]]
         train_items = [i for name, v in items.items() if name not in folds[k] for i in v]
@@ -262,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         line = []
         for label, scores in results.items():
             for part, values in scores.items():
-                totals[label].setdefault(part, []).extend(values)
+                totals.setdefault(label, {}).setdefault(part, []).extend(values)
             line.append(f"{label}: (a) {np.mean(scores['a']):.3f} (b) {np.mean(scores['b']):.3f} "
                         f"(d) {np.mean(scores['d']):.3f} (d0) {np.mean(scores['d0']):.3f}")
         print(f"fold {k} ({', '.join(folds[k])}; {report.samples} prompts, {report.steps} steps, "
@@ -271,19 +270,18 @@ def main(argv: list[str] | None = None) -> int:
     titles = {"a": "(a) box + 5 px, slice Dice", "b": "(b) loose box, slice Dice",
               "d": "(d) propagate from largest slice, volume Dice",
               "d0": "(d0) the same without the likeness stop"}
-    arms = {label: scores for label, scores in totals.items() if scores}  # the arms this run scored
     print("\nheld-out figures over folds " + ",".join(map(str, wanted)))
     for part, title in titles.items():
         cells = []
-        for label, scores in arms.items():
+        for label, scores in totals.items():
             values = np.asarray(scores.get(part, []))
             cells.append(f"{label} {values.mean():.4f} (median {np.median(values):.4f}, n={values.size})")
         print(f"  {title}: " + "  |  ".join(cells))
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.json:
-        summary = {label: {part: float(np.mean(v)) for part, v in scores.items()} for label, scores in arms.items()}
+        summary = {label: {part: float(np.mean(v)) for part, v in scores.items()} for label, scores in totals.items()}
         args.json.write_text(json.dumps({"folds": wanted, "epochs": args.epochs, "summary": summary,
-                                         "per_item": arms}, indent=2))
+                                         "per_item": totals}, indent=2))
     return 0
 
 
