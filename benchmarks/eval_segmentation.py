@@ -18,7 +18,9 @@ What is measured (all on CPU unless a GPU is visible):
 (c) clicks only: one positive click at the tumour's innermost pixel (maximum of the distance
     transform: a centroid can fall outside a curved tumour).
 (d) ``propagate`` from the true mask of the slice with the largest tumour area: volume Dice per
-    patient and overall, next to a naive chain (box of the previous result + 5 px, stop when empty).
+    patient and overall, next to a naive chain (box of the previous result + 5 px, stop when empty),
+    and the wrong voxels by cause (``propagation_errors``: stopped too early or too late, too little
+    or too much on the tumour's slices).
 (e) latency of ``segment_slice`` on CPU: first call on a slice (image encoder + decoder) and a
     second call on the same slice (prompt encoder + decoder only), median milliseconds.
 
@@ -144,6 +146,29 @@ def evaluate_slices(segmenter, patients: list[tuple[str, np.ndarray, np.ndarray]
             print(f"{titles[key]}: Dice {summary(scores[key])}")
 
 
+ERROR_KINDS = {
+    "missed": "tumour on slices propagation never reached (stopped too early)",
+    "under": "tumour left out on slices it reached",
+    "over": "too much on slices with tumour",
+    "beyond": "outlined past the tumour's end (stopped too late)",
+}
+
+
+def propagation_errors(result: np.ndarray, truth: np.ndarray) -> dict[str, int]:
+    """Wrong voxels of a propagated volume by cause (``ERROR_KINDS``): which part of the stopping rule
+    or of the per-slice outline a better method has to fix."""
+    reached = result.any(axis=(1, 2))
+    tumour = truth.any(axis=(1, 2))
+    missing = truth & ~result
+    extra = result & ~truth
+    return {
+        "missed": int(missing[~reached].sum()),
+        "under": int(missing[reached].sum()),
+        "over": int(extra[tumour].sum()),
+        "beyond": int(extra[~tumour].sum()),
+    }
+
+
 def evaluate_propagation(segmenter, patients: list[tuple[str, np.ndarray, np.ndarray]],
                          with_naive: bool = True, overrides: dict[str, float] | None = None) -> None:
     """Part (d): volume Dice of ``propagate`` and of the naive chain, seeded on the largest slice."""
@@ -152,6 +177,7 @@ def evaluate_propagation(segmenter, patients: list[tuple[str, np.ndarray, np.nda
     settings = dataclasses.replace(DEFAULT_PROPAGATION, **(overrides or {}))
     print(f"(d) propagation settings: {settings}")
     ours, naive = [], []
+    errors = dict.fromkeys(ERROR_KINDS, 0)
     for name, image, mask in patients:
         seed_index = int(np.argmax(mask.reshape(len(mask), -1).sum(1)))
         started = time.perf_counter()
@@ -162,12 +188,22 @@ def evaluate_propagation(segmenter, patients: list[tuple[str, np.ndarray, np.nda
             naive.append(dice(naive_chain(segmenter, image, seed_index, mask[seed_index]), mask))
         truth_z = np.nonzero(mask.any(axis=(1, 2)))[0]
         found_z = np.nonzero(result.any(axis=(1, 2)))[0]
+        wrong = propagation_errors(result, mask)
+        for kind, count in wrong.items():
+            errors[kind] += count
+        shares = " ".join(f"{kind} {count / max(1, sum(wrong.values())):.0%}" for kind, count in wrong.items())
         print(
             f"  {name}: propagate {ours[-1]:.3f}  naive {naive[-1] if naive else float('nan'):.3f}  "
-            f"slices truth {truth_z.min()}-{truth_z.max()} found {found_z.min()}-{found_z.max()}  [{seconds:.0f} s]",
+            f"slices truth {truth_z.min()}-{truth_z.max()} found {found_z.min()}-{found_z.max()}  "
+            f"errors: {shares}  [{seconds:.0f} s]",
             flush=True,
         )
     print(f"(d) propagate from the largest slice: volume Dice {summary(ours)}")
+    total = max(1, sum(errors.values()))
+    truth_voxels = sum(int(mask.sum()) for _, _, mask in patients)
+    print(f"    wrong voxels, all patients: {total} ({total / max(1, truth_voxels):.0%} of the tumour voxels)")
+    for kind, what in ERROR_KINDS.items():
+        print(f"      {errors[kind] / total:4.0%} {kind}: {what}")
     if naive:
         print(f"    naive chain (box of previous result + 5 px): volume Dice {summary(naive)}")
 

@@ -17,6 +17,7 @@ it); their embeddings come from the on-disk cache (computed and stored when miss
     .venv/bin/python benchmarks/finetune_cv.py [--folds 5] [--epochs 2] [--max-samples N] [--json out.json]
     .venv/bin/python benchmarks/finetune_cv.py --train-all models/decoder.pt   # then STS_LITEMEDSAM_DECODER
     .venv/bin/python benchmarks/finetune_cv.py --ensemble --bag 2   # + mean of base and tuned; of 2 tuned
+    .venv/bin/python benchmarks/finetune_cv.py --mask-prompts   # neighbour's outline as a dense prompt too
 """
 
 from __future__ import annotations
@@ -84,11 +85,13 @@ def slice_items(segmenter, image: np.ndarray, mask: np.ndarray) -> list:
     return items
 
 
-def evaluate(segmenter, patients, seed: int) -> dict[str, list[float]]:
-    """Per-slice Dice for (a) and (b), per-patient volume Dice for (d)."""
+def evaluate(segmenter, patients, seed: int, propagation=None) -> dict[str, list[float]]:
+    """Per-slice Dice for (a) and (b), per-patient volume Dice for (d) (``propagation`` settings,
+    default ``DEFAULT_PROPAGATION``)."""
     from workers.segmentation import DEFAULT_PROPAGATION, propagate
 
-    no_likeness = dataclasses.replace(DEFAULT_PROPAGATION, min_likeness=0.0)
+    propagation = propagation or DEFAULT_PROPAGATION
+    no_likeness = dataclasses.replace(propagation, min_likeness=0.0)
     rng = np.random.default_rng(seed)
     scores: dict[str, list[float]] = {"a": [], "b": [], "d": [], "d0": []}
     for _, image, mask in patients:
@@ -99,9 +102,14 @@ def evaluate(segmenter, patients, seed: int) -> dict[str, list[float]]:
             loose = tuple(np.asarray(tight_box(truth, 10)) + jitter)
             scores["b"].append(dice(segmenter.segment(image[z], box=loose), truth))
         seed_index = int(np.argmax(mask.reshape(len(mask), -1).sum(1)))
-        scores["d"].append(dice(propagate(image, seed_index, mask[seed_index], segmenter=segmenter), mask))
+        result = propagate(image, seed_index, mask[seed_index], segmenter=segmenter, settings=propagation)
+        scores["d"].append(dice(result, mask))
         result = propagate(image, seed_index, mask[seed_index], segmenter=segmenter, settings=no_likeness)
         scores["d0"].append(dice(result, mask))
+        if propagation.mask_prompt > 0:  # what the mask prompt adds: the same model with boxes only
+            boxes_only = dataclasses.replace(propagation, mask_prompt=0.0)
+            result = propagate(image, seed_index, mask[seed_index], segmenter=segmenter, settings=boxes_only)
+            scores.setdefault("d_box", []).append(dice(result, mask))
     return scores
 
 
@@ -137,7 +145,7 @@ def train(base, items, args, fold_seed: int, label: str):
     kinds = tuple(k for k in args.kinds.split(",") if k)
 
     def draw(rng: np.random.Generator) -> list:
-        samples = make_samples(items, rng, kinds=kinds)
+        samples = make_samples(items, rng, kinds=kinds, mask_prompts=args.mask_prompts)
         if args.max_samples and len(samples) > args.max_samples:
             samples = [samples[i] for i in sorted(rng.choice(len(samples), args.max_samples, replace=False))]
         return samples
@@ -192,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bag", type=int, default=1,
                         help="also score the mean of this many fine-tuned decoders trained with other seeds")
     parser.add_argument("--kinds", default="tight,loose,neighbour", help="prompt kinds to train on")
+    parser.add_argument("--mask-prompts", action="store_true",
+                        help="neighbour prompts carry the neighbour's outline as a dense mask prompt, and the "
+                             "fine-tuned model propagates with it (PropagationSettings.mask_prompt)")
     args = parser.parse_args(argv)
     if (args.ensemble or args.bag > 1) and args.train_encoder:
         parser.error("--ensemble and --bag need a decoder-only fine-tune (the members must share the image encoder)")
@@ -200,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from workers.finetune import save_finetuned
     from workers.models import DecoderEnsemble, load_litemedsam
-    from workers.segmentation import DiskEmbeddingCache, SliceSegmenter
+    from workers.models.litemedsam import MASK_PROMPT_LOGIT
+    from workers.segmentation import DEFAULT_PROPAGATION, DiskEmbeddingCache, SliceSegmenter
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -237,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
               f"final loss {np.mean(report.losses[-20:]):.3f})")
         return 0
 
+    tuned_propagation = None
+    if args.mask_prompts:
+        tuned_propagation = dataclasses.replace(DEFAULT_PROPAGATION, mask_prompt=MASK_PROMPT_LOGIT)
     names = [p[0] for p in patients]
     folds = [[n for i, n in enumerate(names) if i % args.folds == k] for k in range(args.folds)]
     wanted = [int(k) for k in args.only_folds.split(",") if k] or list(range(args.folds))
@@ -248,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         model, report = train(base, train_items, args, args.seed + k, f"fold {k}")
         results = {
             "off-the-shelf": evaluate(base_segmenter, held_out, args.seed + 100 + k),
-            "fine-tuned": evaluate(tuned_segmenter(model, args), held_out, args.seed + 100 + k),
+            "fine-tuned": evaluate(tuned_segmenter(model, args), held_out, args.seed + 100 + k, tuned_propagation),
         }
         if args.ensemble:
             ensemble = SliceSegmenter(model=DecoderEnsemble([base, model]), cache=args.cache)
@@ -257,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             members = [model] + [train(base, train_items, args, args.seed + k + 1000 * m, f"fold {k} bag {m}")[0]
                                  for m in range(1, args.bag)]
             bagged = SliceSegmenter(model=DecoderEnsemble(members), cache=args.cache)
-            results["bagged"] = evaluate(bagged, held_out, args.seed + 100 + k)
+            results["bagged"] = evaluate(bagged, held_out, args.seed + 100 + k, tuned_propagation)
         line = []
         for label, scores in results.items():
             for part, values in scores.items():
@@ -269,12 +284,15 @@ def main(argv: list[str] | None = None) -> int:
 
     titles = {"a": "(a) box + 5 px, slice Dice", "b": "(b) loose box, slice Dice",
               "d": "(d) propagate from largest slice, volume Dice",
-              "d0": "(d0) the same without the likeness stop"}
+              "d0": "(d0) the same without the likeness stop",
+              "d_box": "(d_box) propagate with boxes only (no mask prompt)"}
     print("\nheld-out figures over folds " + ",".join(map(str, wanted)))
     for part, title in titles.items():
         cells = []
         for label, scores in totals.items():
             values = np.asarray(scores.get(part, []))
+            if values.size == 0:
+                continue
             cells.append(f"{label} {values.mean():.4f} (median {np.median(values):.4f}, n={values.size})")
         print(f"  {title}: " + "  |  ".join(cells))
     print(f"total {time.perf_counter() - started:.0f} s")

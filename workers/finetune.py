@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from torch.nn import functional
 
-from workers.models.litemedsam import LiteMedSAM, ModelFrame
+from workers.models.litemedsam import LiteMedSAM, ModelFrame, mask_prompt_logits
 
 PROMPT_KINDS = ("tight", "loose", "neighbour")
 """The prompt kinds ``make_samples`` draws (see the module docstring)."""
@@ -52,6 +53,9 @@ class Sample:
         target: ``[256, 256]`` bool mask in the model frame (may be empty for ``neighbour`` samples).
         valid: ``[256, 256]`` bool, the part of the frame that is image (not padding).
         kind: one of ``PROMPT_KINDS``.
+        mask_prompt: ``[256, 256]`` float 0-1 mask in the model frame given as SAM's dense mask
+            prompt (the neighbour's tumour, for ``neighbour`` samples drawn with ``mask_prompts``),
+            or None.
     """
 
     slice_key: str
@@ -59,6 +63,7 @@ class Sample:
     target: np.ndarray
     valid: np.ndarray
     kind: str
+    mask_prompt: np.ndarray | None = None
 
 
 @dataclass
@@ -109,10 +114,31 @@ def prompt_box(mask: np.ndarray, kind: str, rng: np.random.Generator, shape: tup
     return box
 
 
+def jitter_outline(mask: np.ndarray, rng: np.random.Generator, max_px: int = 2) -> np.ndarray:
+    """``mask`` grown or shrunk by up to ``max_px`` pixels: a previous slice's *predicted* outline is
+    never the truth, so a decoder that learns to follow the neighbour's mask must not learn to copy it."""
+    radius = int(rng.integers(-max_px, max_px + 1))
+    if radius == 0:
+        return mask
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * abs(radius) + 1, 2 * abs(radius) + 1))
+    operation = cv2.dilate if radius > 0 else cv2.erode
+    moved = operation(mask.astype(np.uint8), kernel) > 0
+    return moved if moved.any() else mask
+
+
 def make_samples(
-    items: Iterable[SliceItem], rng: np.random.Generator, kinds: Sequence[str] = PROMPT_KINDS
+    items: Iterable[SliceItem],
+    rng: np.random.Generator,
+    kinds: Sequence[str] = PROMPT_KINDS,
+    mask_prompts: bool = False,
 ) -> list[Sample]:
-    """Draw one sample per slice and kind (``neighbour``: one per existing neighbour with a tumour)."""
+    """Draw one sample per slice and kind (``neighbour``: one per existing neighbour with a tumour).
+
+    With ``mask_prompts``, ``neighbour`` samples also carry the neighbour's outline (jittered by
+    ``jitter_outline``) as a dense mask prompt, as ``propagate`` gives it with
+    ``PropagationSettings.mask_prompt``. Measured (5-fold CV, CPU recipe): propagation fell from 0.788
+    to 0.733 mean volume Dice, so the default recipe leaves it out.
+    """
     samples = []
     for item in items:
         frame = item.frame
@@ -120,22 +146,45 @@ def make_samples(
         valid = frame.mask_to_model(np.ones_like(item.mask)) >= 0.5
         shape = item.mask.shape
         area = int(item.mask.sum())
-        prompts: list[tuple[str, np.ndarray | None]] = []
+        prompts: list[tuple[str, np.ndarray | None, np.ndarray | None]] = []
         if area >= DEFAULT_MIN_AREA_PX:
-            prompts += [(kind, prompt_box(item.mask, kind, rng, shape)) for kind in kinds if kind != "neighbour"]
+            prompts += [
+                (kind, prompt_box(item.mask, kind, rng, shape), None) for kind in kinds if kind != "neighbour"
+            ]
         if "neighbour" in kinds:
             for neighbour in (item.above, item.below):
                 if neighbour is not None and int(neighbour.sum()) >= DEFAULT_MIN_AREA_PX:
-                    prompts.append(("neighbour", prompt_box(neighbour, "neighbour", rng, shape)))
-        for kind, box in prompts:
+                    outline = frame.mask_to_model(jitter_outline(neighbour, rng)) if mask_prompts else None
+                    prompts.append(("neighbour", prompt_box(neighbour, "neighbour", rng, shape), outline))
+        for kind, box, outline in prompts:
             if box is not None:
-                samples.append(Sample(item.key, frame.to_model(box), target, valid, kind))
+                samples.append(Sample(item.key, frame.to_model(box), target, valid, kind, outline))
     return samples
 
 
-def decode_batch(model: LiteMedSAM, embeddings: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``[B, 1, 256, 256]`` and IoU ``[B, 1]`` for B slices with one box each (with gradients)."""
-    return model.decode_many(embeddings, boxes)
+def batch_mask_prompts(batch: Sequence[Sample], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The batch's dense mask prompts as model logits ``[B, 1, 256, 256]`` and which samples have
+    one (bool ``[B]``), or None when none has."""
+    if not any(sample.mask_prompt is not None for sample in batch):
+        return None
+    zeros = np.zeros((256, 256), np.float32)
+    masks = np.stack([zeros if s.mask_prompt is None else s.mask_prompt for s in batch])[:, None]
+    has_mask = torch.tensor([s.mask_prompt is not None for s in batch], device=device)
+    return mask_prompt_logits(torch.from_numpy(masks).to(device)), has_mask
+
+
+def decode_batch(
+    model: LiteMedSAM,
+    embeddings: torch.Tensor,
+    boxes: torch.Tensor,
+    mask_prompts: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``[B, 1, 256, 256]`` and IoU ``[B, 1]`` for B slices with one box each (with gradients),
+    and the dense mask prompts of ``batch_mask_prompts`` if given."""
+    if mask_prompts is None:
+        return model.decode_many(embeddings, boxes)
+    logits, has_mask = mask_prompts
+    return model.decode_many(embeddings, boxes, mask_logits=logits, has_mask=has_mask)
 
 
 def segmentation_loss(
@@ -173,27 +222,38 @@ def trainable_state(model: LiteMedSAM, include_encoder: bool = False) -> dict[st
 
 
 def augment_batch(
-    images: torch.Tensor, boxes: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, rng: np.random.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    images: torch.Tensor,
+    boxes: torch.Tensor,
+    target: torch.Tensor,
+    valid: torch.Tensor,
+    rng: np.random.Generator,
+    mask_prompts: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Left-right flips and gamma changes of a batch (only when the image encoder is trained).
 
     A flip mirrors the image part of the frame (the padding stays at the right, as at inference)
     and the box with it; gamma in [0.7, 1.4] mimics other scanners' contrast. Why these two only:
     limbs are imaged left and right, while up-down flips or rotations would show anatomy upside
-    down that no annotator ever sees.
+    down that no annotator ever sees. Dense mask prompts (``batch_mask_prompts``) flip with their image.
     """
     images, boxes, target = images.clone(), boxes.clone(), target.clone()
+    prompt_logits = None
+    if mask_prompts is not None:  # flipped in place below, so the returned pair holds the flips
+        prompt_logits = mask_prompts[0].clone()
+        mask_prompts = (prompt_logits, mask_prompts[1])
     widths = valid[:, 0].amax(dim=1).sum(dim=1).long()  # the image part's width per sample
     for i in range(images.shape[0]):
         if rng.random() < 0.5:
             w = int(widths[i])
             images[i, :, :w] = images[i, :, :w].flip(-1)
             target[i, :, :, :w] = target[i, :, :, :w].flip(-1)
+            if prompt_logits is not None:
+                prompt_logits[i, :, :, :w] = prompt_logits[i, :, :, :w].flip(-1)
             x0, x1 = float(boxes[i, 0]), float(boxes[i, 2])
             boxes[i, 0], boxes[i, 2] = w - x1, w - x0
         gamma = float(np.exp(rng.uniform(np.log(0.7), np.log(1.4))))
         images[i] = images[i].clamp(min=0) ** gamma
-    return images, boxes, target
+    return images, boxes, target, mask_prompts
 
 
 def train_litemedsam(
@@ -260,16 +320,19 @@ def train_litemedsam(
             boxes = torch.from_numpy(np.stack([s.box for s in batch])).to(device)
             target = torch.from_numpy(np.stack([s.target for s in batch])[:, None].astype(np.float32)).to(device)
             valid = torch.from_numpy(np.stack([s.valid for s in batch])[:, None].astype(np.float32)).to(device)
+            mask_prompts = batch_mask_prompts(batch, device)
             with autocast:
                 if train_encoder:
                     images = torch.stack([inputs[s.slice_key].reshape(256, 256) for s in batch])
                     images = images.to(device, torch.float32)
-                    images, boxes, target = augment_batch(images, boxes, target, valid, rng)
+                    images, boxes, target, mask_prompts = augment_batch(
+                        images, boxes, target, valid, rng, mask_prompts
+                    )
                     emb = model.image_encoder(images[:, None].expand(-1, 3, -1, -1))
                 else:
                     emb = torch.cat([inputs[s.slice_key].reshape(1, 256, 64, 64) for s in batch])
                     emb = emb.to(device, torch.float32)
-                logits, iou_pred = decode_batch(model, emb, boxes)
+                logits, iou_pred = decode_batch(model, emb, boxes, mask_prompts)
             logits, iou_pred = logits.float(), iou_pred.float()
             loss, iou = segmentation_loss(logits, target, valid)
             loss = loss + functional.mse_loss(iou_pred[:, 0], iou.to(iou_pred.dtype))

@@ -12,13 +12,21 @@ import torch
 from workers.finetune import (
     SliceItem,
     augment_batch,
+    batch_mask_prompts,
     decode_batch,
     make_samples,
     save_finetuned,
     segmentation_loss,
     train_litemedsam,
 )
-from workers.models.litemedsam import DECODER_ENV, DecoderEnsemble, ModelFrame, WeightsError, load_litemedsam
+from workers.models.litemedsam import (
+    DECODER_ENV,
+    DecoderEnsemble,
+    ModelFrame,
+    WeightsError,
+    load_litemedsam,
+    mask_prompt_logits,
+)
 from workers.segmentation import SliceSegmenter
 
 
@@ -54,6 +62,34 @@ def test_batched_decoding_equals_one_slice_at_a_time(base, embedded_slices):
             single, single_iou = base.decode(embeddings[i : i + 1], boxes=boxes[i : i + 1])
             assert torch.allclose(logits[i], single[0], atol=1e-4)
             assert torch.allclose(iou[i], single_iou[0], atol=1e-5)
+
+
+def test_a_batch_mixes_prompts_with_and_without_a_mask(base, embedded_slices):
+    """Neighbour samples carry the neighbour's outline as SAM's dense prompt; the others do not, in one batch."""
+    (first, mask, _), (second, _, _) = embedded_slices
+    items = [SliceItem(first.key, first.frame, mask, above=mask)]
+    samples = make_samples(items, np.random.default_rng(0), kinds=("tight", "neighbour"), mask_prompts=True)
+    assert sorted(s.kind for s in samples) == ["neighbour", "tight"]
+    neighbour = next(s for s in samples if s.kind == "neighbour")
+    tight = next(s for s in samples if s.kind == "tight")
+    assert tight.mask_prompt is None and neighbour.mask_prompt.shape == (256, 256)
+    # jittered by at most 2 px: the prompt still overlaps the outline it came from almost entirely
+    overlap = (neighbour.mask_prompt >= 0.5) & neighbour.target
+    assert overlap.sum() > 0.8 * min(neighbour.target.sum(), (neighbour.mask_prompt >= 0.5).sum())
+    batch = [tight, neighbour]
+    embeddings = torch.cat([first.embedding.float(), second.embedding.float()])
+    boxes = torch.from_numpy(np.stack([s.box for s in batch]))
+    prompts = batch_mask_prompts(batch, torch.device("cpu"))
+    assert prompts is not None and prompts[1].tolist() == [False, True]
+    assert batch_mask_prompts([tight], torch.device("cpu")) is None
+    with torch.no_grad():
+        logits, _ = decode_batch(base, embeddings, boxes, prompts)
+        plain, _ = base.decode(embeddings[:1], boxes=boxes[:1])
+        assert torch.allclose(logits[0], plain[0], atol=1e-4)
+        prompted, _ = base.decode(embeddings[1:], boxes=boxes[1:], mask_logits=prompts[0][1:])
+        assert torch.allclose(logits[1], prompted[0], atol=1e-4)
+        unprompted, _ = base.decode(embeddings[1:], boxes=boxes[1:])
+        assert not torch.allclose(logits[1], unprompted[0], atol=1e-2)
 
 
 def test_samples_teach_the_end_of_the_tumour():
@@ -126,12 +162,16 @@ def test_flips_keep_the_box_around_the_target():
     valid = torch.from_numpy(frame.mask_to_model(np.ones((100, 160))) >= 0.5).float()[None, None]
     images = torch.rand(1, 256, 256) * valid[0]
     box = torch.from_numpy(frame.to_model(np.array([[15.0, 35, 45, 65]])))
+    prompts = (mask_prompt_logits(target), torch.tensor([True]))
     flipped_any = False
     for seed in range(6):
-        out_images, out_boxes, out_target = augment_batch(images, box, target, valid, np.random.default_rng(seed))
+        out_images, out_boxes, out_target, out_prompts = augment_batch(
+            images, box, target, valid, np.random.default_rng(seed), prompts
+        )
         ys, xs = np.nonzero(out_target[0, 0].numpy())
         x0, y0, x1, y1 = out_boxes[0].tolist()
         assert x0 <= xs.min() and x1 >= xs.max() and y0 <= ys.min() and y1 >= ys.max()
+        assert torch.equal(out_prompts[0] > 0, out_target > 0)  # the mask prompt flips with its image
         assert float(out_images[:, valid[0, 0] == 0].abs().max()) == 0  # padding stays padding
         flipped_any |= bool(xs.mean() > 128)
     assert flipped_any

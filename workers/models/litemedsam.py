@@ -209,16 +209,32 @@ class LiteMedSAM(nn.Module):
         return low_res.float(), iou.float()
 
 
-    def decode_many(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_many(
+        self,
+        embeddings: torch.Tensor,
+        boxes: torch.Tensor,
+        mask_logits: torch.Tensor | None = None,
+        has_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[B, 1, 256, 256]`` and IoUs ``[B, 1]`` for B DIFFERENT slices with one box each.
 
         ``segment_anything``'s ``MaskDecoder.predict_masks`` repeats ONE image embedding for every
         prompt; batched pre-annotation and training need B slices per call, so this is its body with
         the embeddings taken as they are (adapted from segment_anything 1.0, Apache-2.0). Gradients
         flow when the caller is not in inference mode.
+
+        Args:
+            mask_logits: optional ``[B, 1, 256, 256]`` dense mask prompts (SAM's ``masks``).
+            has_mask: optional bool ``[B]``: which samples' ``mask_logits`` count; the others get
+                SAM's "no mask" embedding, so one batch can mix prompts with and without a mask.
         """
         decoder = self.mask_decoder
         sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=None)
+        if mask_logits is not None:
+            with_mask = self.prompt_encoder.mask_downscaling(mask_logits)
+            if has_mask is not None:
+                with_mask = torch.where(has_mask.reshape(-1, 1, 1, 1), with_mask, dense)
+            dense = with_mask
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
         tokens = torch.cat((output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), dim=1)
         src = embeddings + dense
@@ -233,6 +249,16 @@ class LiteMedSAM(nn.Module):
         masks = (hyper @ upscaled.view(b, c, h * w)).view(b, 1, h, w)
         iou = decoder.iou_prediction_head(iou_token_out)[:, :1]
         return masks, iou
+
+
+MASK_PROMPT_LOGIT = 8.0
+"""Magnitude of the logits a 0-1 mask becomes as SAM's dense mask prompt (``mask_prompt_logits``):
+fine-tuning and propagation must give the decoder the same scale."""
+
+
+def mask_prompt_logits(mask: torch.Tensor | np.ndarray, magnitude: float = MASK_PROMPT_LOGIT) -> Any:
+    """A 0-1 model-frame mask → logits of ``±magnitude`` (0.5 → 0), as SAM's ``masks`` input takes."""
+    return magnitude * (2 * mask - 1)
 
 
 class DecoderEnsemble(nn.Module):
@@ -281,9 +307,11 @@ class DecoderEnsemble(nn.Module):
         outputs = [member.decode(embedding, **prompts) for member in self.members]
         return _mean_outputs(outputs)
 
-    def decode_many(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_many(
+        self, embeddings: torch.Tensor, boxes: torch.Tensor, **masks: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean logits and IoUs for B slices with one box each (see ``LiteMedSAM.decode_many``)."""
-        return _mean_outputs([member.decode_many(embeddings, boxes) for member in self.members])
+        return _mean_outputs([member.decode_many(embeddings, boxes, **masks) for member in self.members])
 
 
 def _mean_outputs(outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
