@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             if values.size == 0:
                 continue
             cells.append(f"{label} {values.mean():.4f} (median {np.median(values):.4f}, n={values.size})")
-        print(f"  {title}: " + "  |  ".join(cells))
+        if cells:
+            print(f"  {title}: " + "  |  ".join(cells))
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.json:
         summary = {label: {part: float(np.mean(v)) for part, v in scores.items()} for label, scores in totals.items()}
