@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_all is not None:
         model, report = train(base, [i for v in items.values() for i in v], args, args.seed, "all")
         save_finetuned(model, args.train_all, {"patients": [p[0] for p in patients], "epochs": args.epochs,
-                                               "samples": report.samples, "lr": args.lr, "kinds": args.kinds},
+                                               "samples": report.samples, "lr": args.lr, "kinds": args.kinds,
+                                               "mask_prompts": args.mask_prompts},
                        include_encoder=args.train_encoder)
         print(f"saved {args.train_all} ({report.samples} prompts, {report.steps} steps, "
               f"final loss {np.mean(report.losses[-20:]):.3f})")

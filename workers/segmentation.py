@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from core.errors import ConfigError, InputError, ProjectError
-from workers.models.litemedsam import LiteMedSAM, ModelFrame, load_litemedsam, preprocess_slice
+from workers.models.litemedsam import LiteMedSAM, ModelFrame, load_litemedsam, mask_prompt_logits, preprocess_slice
 
 DEFAULT_EMBEDDING_CACHE_SIZE = 256
 """Image embeddings kept per process (float16, 2 MiB each: 512 MiB at most); a few cases' slices."""
@@ -667,7 +667,7 @@ def _propagate_step(
     embedded = segmenter.embed(image)
     mask_logits = None
     if settings.mask_prompt > 0:
-        mask_logits = settings.mask_prompt * (2 * embedded.frame.mask_to_model(previous) - 1)[None]
+        mask_logits = mask_prompt_logits(embedded.frame.mask_to_model(previous), settings.mask_prompt)[None]
     logits, iou = segmenter.decode(embedded, boxes=box[None], mask_logits=mask_logits)
     logit = logits[0, 0]
     if settings.shape_prior:
