@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -26,7 +27,9 @@ from workers.models.litemedsam import (
 from workers.segmentation import (
     DEFAULT_PROPAGATION,
     NoAutomaticModelError,
+    SeedClassifier,
     SliceSegmenter,
+    fit_logistic,
     propagate,
     segment_slice,
     segment_volume,
@@ -217,7 +220,7 @@ def test_propagation_can_give_the_previous_outline_as_a_mask_prompt(model):
     volume = np.stack([image for image, _, _ in slices])
     seed = slices[1][1]
     segmenter = RecordingSegmenter(model)
-    settings = dataclasses.replace(DEFAULT_PROPAGATION, mask_prompt=8.0, min_likeness=0.0)
+    settings = dataclasses.replace(DEFAULT_PROPAGATION, mask_prompt=8.0, min_likeness=0.0, feature_prior=0.0)
     result = propagate(volume, 1, seed, segmenter=segmenter, settings=settings)
     assert len(segmenter.mask_prompts) == 2 and all(m is not None for m in segmenter.mask_prompts)
     frame = segmenter.embed(volume[0]).frame
@@ -306,3 +309,45 @@ def naive_chain(segmenter: SliceSegmenter, volume: np.ndarray, seed_index: int, 
 def test_segment_volume_says_no_model_yet():
     with pytest.raises(NoAutomaticModelError, match="no automatic model registered yet"):
         segment_volume(np.zeros((3, 8, 8), np.float32), spacing=(1.0, 1.0, 3.0))
+
+
+def test_logistic_fit_learns_a_linear_boundary_from_soft_targets():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(2000, 3))
+    truth = features @ np.array([2.0, -1.0, 0.0]) + 0.5 > 0
+    soft = np.where(truth, 0.9, 0.1)  # cell coverages are fractions, not 0/1
+    weights = fit_logistic(features, soft)
+    predicted = features @ weights[:-1] + weights[-1] > 0
+    assert weights.shape == (4,)
+    assert (predicted == truth).mean() > 0.97
+    assert abs(weights[2]) < 0.2 * abs(weights[0])  # the uninformative feature gets little weight
+
+
+def test_seed_classifier_marks_the_seed_tumour_on_the_next_slice(model):
+    (image0, truth0, _), (image1, truth1, _) = (ellipse_slice(96, 96, (48, 46), (20, 14), seed=z) for z in (0, 1))
+    segmenter = SliceSegmenter(model=model)
+    seed_embedded = segmenter.embed(image0)
+    classifier = SeedClassifier(seed_embedded, truth0)
+    logits = classifier.logits(segmenter.embed(image1))
+    assert logits.shape == truth1.shape and logits.dtype == np.float32
+    inner = cv2.erode(truth1.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
+    outer = cv2.dilate(truth1.astype(np.uint8), np.ones((15, 15), np.uint8)) == 0
+    assert (logits[inner] > 0).mean() > 0.9 and (logits[outer] < 0).mean() > 0.9
+
+
+@pytest.mark.slow
+def test_feature_prior_tightens_propagation_on_a_real_patient(shared_data: Path):
+    """On STS_019 the seed classifier keeps the chain off the tissue around the tumour's ends
+    (volume Dice 0.70 without, 0.82 with, measured)."""
+    import SimpleITK as sitk
+
+    folder = shared_data / "ibsi-sts-t1" / PROPAGATION_PATIENT
+    volume = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "MR_T1_image.nii.gz")))
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "MR_T1_mask.nii.gz"))) > 0
+    seed_index = int(np.argmax(truth.reshape(len(truth), -1).sum(1)))
+    segmenter = SliceSegmenter()
+    plain = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter,
+                      settings=dataclasses.replace(DEFAULT_PROPAGATION, feature_prior=0.0))
+    guided = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter,
+                       settings=dataclasses.replace(DEFAULT_PROPAGATION, feature_prior=0.5))
+    assert dice(guided, truth) > dice(plain, truth) + 0.05
