@@ -648,7 +648,7 @@ class SeedClassifier:
     def __init__(self, embedded: EmbeddedSlice, seed: np.ndarray, l2: float = 1.0) -> None:
         frame = embedded.frame
         side = frame.size // 4
-        coverage = cv2.resize(frame.mask_to_model(seed), (side, side), interpolation=cv2.INTER_AREA).reshape(-1)
+        coverage = _cell_coverage(seed, frame)
         valid = np.zeros((side, side), bool)  # cells of the slice, not of the padding
         valid[: -(-frame.resized_height // 4), : -(-frame.resized_width // 4)] = True
         valid = valid.reshape(-1)
@@ -690,10 +690,15 @@ def _unit_cells(embedded: EmbeddedSlice) -> np.ndarray:
     return cells / np.maximum(np.linalg.norm(cells, axis=1, keepdims=True), 1e-6)
 
 
-def _cell_weights(mask: np.ndarray, frame: ModelFrame) -> np.ndarray:
-    """Fraction of each embedding cell covered by ``mask`` (``[64 * 64]``; small masks count fully)."""
+def _cell_coverage(mask: np.ndarray, frame: ModelFrame) -> np.ndarray:
+    """Fraction of each embedding cell covered by ``mask`` (``[64 * 64]``)."""
     side = frame.size // 4
-    coverage = cv2.resize(frame.mask_to_model(mask), (side, side), interpolation=cv2.INTER_AREA).reshape(-1)
+    return cv2.resize(frame.mask_to_model(mask), (side, side), interpolation=cv2.INTER_AREA).reshape(-1)
+
+
+def _cell_weights(mask: np.ndarray, frame: ModelFrame) -> np.ndarray:
+    """``_cell_coverage`` without the cells the mask barely touches (small masks count fully)."""
+    coverage = _cell_coverage(mask, frame)
     return coverage * (coverage >= min(0.5, float(coverage.max())))
 
 
@@ -816,16 +821,17 @@ def propagate(
         raise InputError(f"seed_mask on slice {seed_index} is empty: nothing to propagate")
     segmenter = segmenter if segmenter is not None else default_segmenter()
     seed_index = int(seed_index)
-    prototypes = None
-    if settings.min_likeness > 0:
-        prototypes = _Prototypes(segmenter.embed(array[seed_index]), seed, settings.ring_px)
+    seed_embedded = segmenter.embed(array[seed_index])
+    prototypes = _Prototypes(seed_embedded, seed, settings.ring_px) if settings.min_likeness > 0 else None
     out = _chain(segmenter, array, seed_index, seed, prototypes, settings, None, trace)
     if settings.feature_prior:
         # The classifier's outlines are better, but a chain it guides no longer knows where the tumour
-        # ends (its masks look like the tumour by construction): the unguided chain sets the extent.
-        classifier = SeedClassifier(segmenter.embed(array[seed_index]), seed)
-        guided = _chain(segmenter, array, seed_index, seed, prototypes, settings, classifier, None)
-        both = out.any(axis=(1, 2)) & guided.any(axis=(1, 2))
+        # ends (its masks look like the tumour by construction): the unguided chain sets the extent,
+        # and the guided one never goes past it (no encoder or decoder work on slices left empty).
+        extent = out.any(axis=(1, 2))
+        classifier = SeedClassifier(seed_embedded, seed)
+        guided = _chain(segmenter, array, seed_index, seed, prototypes, settings, classifier, None, extent)
+        both = extent & guided.any(axis=(1, 2))
         out[both] = guided[both]
     return out
 
@@ -839,15 +845,17 @@ def _chain(
     settings: PropagationSettings,
     classifier: SeedClassifier | None,
     trace: list[PropagationStep] | None,
+    extent: np.ndarray | None = None,
 ) -> np.ndarray:
-    """One chain of ``_propagate_step`` from the seed outwards, both ways, until the stopping rule says."""
+    """One chain of ``_propagate_step`` from the seed outwards, both ways, until the stopping rule says
+    (or, when ``extent`` is given, until the first slice it marks False)."""
     out = np.zeros(array.shape, bool)
     out[seed_index] = seed
     seed_area = int(seed.sum())
     for direction in (1, -1):
         previous, index = seed, seed_index + direction
         doubtful: list[tuple[np.ndarray, PropagationStep]] = []  # slices that only looked unlike the seed
-        while 0 <= index < array.shape[0]:
+        while 0 <= index < array.shape[0] and (extent is None or extent[index]):
             mask, step = _propagate_step(
                 segmenter, array[index], previous, seed_area, prototypes, settings, index, classifier
             )
