@@ -261,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="(d): override a PropagationSettings field, e.g. --set box_margin_px=2 (repeatable)")
     parser.add_argument("--no-naive", action="store_true", help="(d): skip the naive chain")
+    parser.add_argument("--box-shrinks", default=None, metavar="PX,PX",
+                        help="(a)-(c): the boxes averaged with each box prompt, shrunk by these px per side "
+                             "(default: the workers' DEFAULT_BOX_SHRINKS_PX; '' for the box alone)")
     parser.add_argument("--crop", action="store_true",
                         help="only the tumour's slices ± 3, as finetune_cv.py (and its embedding cache) uses them")
     args = parser.parse_args(argv)
@@ -268,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from workers.models import load_litemedsam
-    from workers.segmentation import DiskEmbeddingCache, SliceSegmenter
+    from workers.segmentation import DEFAULT_BOX_SHRINKS_PX, DiskEmbeddingCache, SliceSegmenter
 
     torch.set_num_threads(2)
     folders = sorted(p for p in args.data_dir.glob("STS_*") if p.is_dir())[: args.patients]
@@ -286,7 +289,14 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     cache = DiskEmbeddingCache(args.embedding_dir, model.encoder_version, max_entries=512)
-    segmenter = SliceSegmenter(model=model, cache=cache)
+    shrinks = DEFAULT_BOX_SHRINKS_PX
+    if args.box_shrinks is not None:
+        try:
+            shrinks = tuple(float(px) for px in args.box_shrinks.split(",") if px.strip())
+        except ValueError:
+            parser.error(f"--box-shrinks {args.box_shrinks!r}: expected comma-separated numbers")
+    print(f"box prompts averaged with the box shrunk by {shrinks or 'nothing'} px", flush=True)
+    segmenter = SliceSegmenter(model=model, cache=cache, box_shrinks=shrinks)
     if args.crop:
         from finetune_cv import load_patients
 
