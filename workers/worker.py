@@ -73,7 +73,8 @@ def warm_model() -> dict[str, Any]:
     yy, xx = np.mgrid[:64, :64]
     image = (((yy - 32) ** 2 + (xx - 32) ** 2) < 12**2).astype(np.uint8) * 200 + 20
     segment_slice(image, box=(16, 16, 48, 48))
-    return {"segmentation_model": str(default_segmenter().model.version),
+    segmenter = default_segmenter()
+    return {"segmentation_model": str(segmenter.model.version), "box_shrinks_px": list(segmenter.box_shrinks),
             "warm_s": round(time.perf_counter() - start, 2)}
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from core.case_store import sha256_file
-from core.errors import InputError, ProjectError
+from core.errors import ConfigError, InputError, ProjectError
 from workers.models.litemedsam import (
     LITEMEDSAM_SHA256,
     WeightsError,
@@ -25,10 +25,12 @@ from workers.models.litemedsam import (
     load_litemedsam,
 )
 from workers.segmentation import (
+    DEFAULT_BOX_SHRINKS_PX,
     DEFAULT_PROPAGATION,
     NoAutomaticModelError,
     SeedClassifier,
     SliceSegmenter,
+    box_shrinks_from_env,
     fit_logistic,
     propagate,
     segment_slice,
@@ -79,6 +81,20 @@ def test_weights_file_has_the_pinned_hash():
 def test_model_is_loaded_once_per_process(model):
     assert load_litemedsam("cpu") is model
     assert model.version == f"litemedsam-{LITEMEDSAM_SHA256[:12]}"
+
+
+def test_the_encoder_runs_channels_last_and_embeds_as_the_plain_layout_does(model):
+    """NHWC weights are a CPU speed-up only: the embedding must be the one the NCHW encoder gives."""
+    import copy
+
+    import torch
+
+    plain = copy.deepcopy(model.image_encoder).to(memory_format=torch.contiguous_format)
+    conv = next(m for m in model.image_encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.allclose(model.embed(images), plain(images), atol=1e-4)
 
 
 def test_wrong_hash_is_refused_naming_path_and_both_hashes():
@@ -199,6 +215,26 @@ def test_shrunk_boxes_stay_centred_and_never_invert():
     tiny = shrunk_boxes(np.array([5.0, 5.0, 8.0, 8.0]), [2, 4])  # already under 4 px: unchanged
     assert np.array_equal(tiny, np.repeat(tiny[:1], 3, axis=0))
     assert shrunk_boxes(np.array([1, 2, 3, 4]), []).tolist() == [[1, 2, 3, 4]]
+
+
+def test_workers_take_their_box_shrinks_from_the_environment(monkeypatch):
+    """``$STS_BOX_SHRINKS``: unset → the default; '' or '0' → the box alone (a CPU site's choice);
+    anything else that is not pixels ≥ 0 → a ConfigError naming the variable, before any model loads."""
+    import workers.segmentation
+
+    monkeypatch.delenv("STS_BOX_SHRINKS", raising=False)
+    assert box_shrinks_from_env() == DEFAULT_BOX_SHRINKS_PX
+    for raw, expected in [("", ()), ("0", ()), ("3", (3.0,)), (" 1.5, 3 ,", (1.5, 3.0))]:
+        monkeypatch.setenv("STS_BOX_SHRINKS", raw)
+        assert box_shrinks_from_env() == expected
+    for bad in ["-2", "two", "2,nan"]:
+        monkeypatch.setenv("STS_BOX_SHRINKS", bad)
+        with pytest.raises(ConfigError, match="STS_BOX_SHRINKS"):
+            box_shrinks_from_env()
+    monkeypatch.setenv("STS_BOX_SHRINKS", "")
+    monkeypatch.setattr(workers.segmentation, "_DEFAULT_SEGMENTER", None)
+    assert workers.segmentation.default_segmenter().box_shrinks == ()
+    monkeypatch.setattr(workers.segmentation, "_DEFAULT_SEGMENTER", None)
 
 
 @pytest.mark.slow
