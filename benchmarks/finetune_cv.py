@@ -18,6 +18,7 @@ it); their embeddings come from the on-disk cache (computed and stored when miss
     .venv/bin/python benchmarks/finetune_cv.py --train-all models/decoder.pt   # then STS_LITEMEDSAM_DECODER
     .venv/bin/python benchmarks/finetune_cv.py --ensemble --bag 2   # + mean of base and tuned; of 2 tuned
     .venv/bin/python benchmarks/finetune_cv.py --mask-prompts   # neighbour's outline as a dense prompt too
+    .venv/bin/python benchmarks/finetune_cv.py --train-box-shrinks 2,4   # train on the shrunk-box average
 """
 
 from __future__ import annotations
@@ -143,9 +144,10 @@ def train(base, items, args, fold_seed: int, label: str):
     from workers.finetune import make_samples, train_litemedsam
 
     kinds = tuple(k for k in args.kinds.split(",") if k)
+    shrinks = tuple(float(px) for px in args.train_box_shrinks.split(",") if px)
 
     def draw(rng: np.random.Generator) -> list:
-        samples = make_samples(items, rng, kinds=kinds, mask_prompts=args.mask_prompts)
+        samples = make_samples(items, rng, kinds=kinds, mask_prompts=args.mask_prompts, box_shrinks=shrinks)
         if args.max_samples and len(samples) > args.max_samples:
             samples = [samples[i] for i in sorted(rng.choice(len(samples), args.max_samples, replace=False))]
         return samples
@@ -200,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bag", type=int, default=1,
                         help="also score the mean of this many fine-tuned decoders trained with other seeds")
     parser.add_argument("--kinds", default="tight,loose,neighbour", help="prompt kinds to train on")
+    parser.add_argument("--train-box-shrinks", default="",
+                        help="comma-separated px: train tight/loose prompts on the logits averaged with the box "
+                             "shrunk by these, as SliceSegmenter.segment decodes them (e.g. 2,4; '' = one box)")
     parser.add_argument("--mask-prompts", action="store_true",
                         help="neighbour prompts carry the neighbour's outline as a dense mask prompt, and the "
                              "fine-tuned model propagates with it (PropagationSettings.mask_prompt)")
@@ -244,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         model, report = train(base, [i for v in items.values() for i in v], args, args.seed, "all")
         save_finetuned(model, args.train_all, {"patients": [p[0] for p in patients], "epochs": args.epochs,
                                                "samples": report.samples, "lr": args.lr, "kinds": args.kinds,
-                                               "mask_prompts": args.mask_prompts},
+                                               "mask_prompts": args.mask_prompts,
+                                               "train_box_shrinks": args.train_box_shrinks},
                        include_encoder=args.train_encoder)
         print(f"saved {args.train_all} ({report.samples} prompts, {report.steps} steps, "
               f"final loss {np.mean(report.losses[-20:]):.3f})")

@@ -35,6 +35,7 @@ import torch
 from torch.nn import functional
 
 from workers.models.litemedsam import LiteMedSAM, ModelFrame, mask_prompt_logits
+from workers.segmentation import shrunk_boxes
 
 PROMPT_KINDS = ("tight", "loose", "neighbour")
 """The prompt kinds ``make_samples`` draws (see the module docstring)."""
@@ -56,6 +57,9 @@ class Sample:
         mask_prompt: ``[256, 256]`` float 0-1 mask in the model frame given as SAM's dense mask
             prompt (the neighbour's tumour, for ``neighbour`` samples drawn with ``mask_prompts``),
             or None.
+        shrunk: ``[S, 4]`` the box shrunk as ``SliceSegmenter.segment`` shrinks it
+            (``shrunk_boxes``, model frame), or None: training then averages the logits of ``box``
+            and these, as inference does.
     """
 
     slice_key: str
@@ -64,6 +68,7 @@ class Sample:
     valid: np.ndarray
     kind: str
     mask_prompt: np.ndarray | None = None
+    shrunk: np.ndarray | None = None
 
 
 @dataclass
@@ -131,6 +136,7 @@ def make_samples(
     rng: np.random.Generator,
     kinds: Sequence[str] = PROMPT_KINDS,
     mask_prompts: bool = False,
+    box_shrinks: Sequence[float] = (),
 ) -> list[Sample]:
     """Draw one sample per slice and kind (``neighbour``: one per existing neighbour with a tumour).
 
@@ -138,6 +144,11 @@ def make_samples(
     ``jitter_outline``) as a dense mask prompt, as ``propagate`` gives it with
     ``PropagationSettings.mask_prompt``. Measured (5-fold CV, CPU recipe): propagation fell from 0.788
     to 0.733 mean volume Dice, so the default recipe leaves it out.
+
+    With ``box_shrinks`` (slice pixels, as ``DEFAULT_BOX_SHRINKS_PX``), ``tight`` and ``loose``
+    samples also carry their box shrunk by each amount, so that the decoder is trained on the
+    averaged logits ``SliceSegmenter.segment`` gives it; ``neighbour`` samples keep one box, as
+    ``propagate`` does.
     """
     samples = []
     for item in items:
@@ -157,8 +168,12 @@ def make_samples(
                     outline = frame.mask_to_model(jitter_outline(neighbour, rng)) if mask_prompts else None
                     prompts.append(("neighbour", prompt_box(neighbour, "neighbour", rng, shape), outline))
         for kind, box, outline in prompts:
-            if box is not None:
-                samples.append(Sample(item.key, frame.to_model(box), target, valid, kind, outline))
+            if box is None:
+                continue
+            shrunk = None
+            if box_shrinks and kind != "neighbour":
+                shrunk = frame.to_model(shrunk_boxes(box, box_shrinks)[1:])
+            samples.append(Sample(item.key, frame.to_model(box), target, valid, kind, outline, shrunk))
     return samples
 
 
@@ -173,18 +188,37 @@ def batch_mask_prompts(batch: Sequence[Sample], device: torch.device) -> tuple[t
     return mask_prompt_logits(torch.from_numpy(masks).to(device)), has_mask
 
 
+def batch_boxes(batch: Sequence[Sample]) -> np.ndarray:
+    """``[B, K, 4]``: each sample's box and its ``shrunk`` boxes; a sample with fewer repeats its own
+    box, whose logits then average to that box's own (K = 1 when no sample has shrunk boxes)."""
+    count = 1 + max((len(s.shrunk) for s in batch if s.shrunk is not None), default=0)
+    rows = []
+    for sample in batch:
+        boxes = [sample.box] + ([] if sample.shrunk is None else list(sample.shrunk))
+        rows.append(np.stack(boxes + [sample.box] * (count - len(boxes))))
+    return np.stack(rows).astype(np.float32)
+
+
 def decode_batch(
     model: LiteMedSAM,
     embeddings: torch.Tensor,
     boxes: torch.Tensor,
     mask_prompts: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``[B, 1, 256, 256]`` and IoU ``[B, 1]`` for B slices with one box each (with gradients),
-    and the dense mask prompts of ``batch_mask_prompts`` if given."""
-    if mask_prompts is None:
-        return model.decode_many(embeddings, boxes)
-    logits, has_mask = mask_prompts
-    return model.decode_many(embeddings, boxes, mask_logits=logits, has_mask=has_mask)
+    """Logits ``[B, 1, 256, 256]`` and IoU ``[B, 1]`` for B slices (with gradients), each the mean
+    over its K boxes (``boxes`` ``[B, K, 4]``, see ``batch_boxes``; or ``[B, 4]``), with the dense
+    mask prompts of ``batch_mask_prompts`` if given."""
+    if boxes.dim() == 2:
+        boxes = boxes[:, None]
+    b, k = boxes.shape[:2]
+    repeat = (lambda t: t.repeat_interleave(k, dim=0)) if k > 1 else (lambda t: t)
+    extra = {}
+    if mask_prompts is not None:
+        extra = {"mask_logits": repeat(mask_prompts[0]), "has_mask": repeat(mask_prompts[1])}
+    logits, iou = model.decode_many(repeat(embeddings), boxes.reshape(b * k, 4), **extra)
+    if k == 1:
+        return logits, iou
+    return logits.reshape(b, k, *logits.shape[1:]).mean(dim=1), iou.reshape(b, k, -1).mean(dim=1)
 
 
 def segmentation_loss(
@@ -249,8 +283,9 @@ def augment_batch(
             target[i, :, :, :w] = target[i, :, :, :w].flip(-1)
             if prompt_logits is not None:
                 prompt_logits[i, :, :, :w] = prompt_logits[i, :, :, :w].flip(-1)
-            x0, x1 = float(boxes[i, 0]), float(boxes[i, 2])
-            boxes[i, 0], boxes[i, 2] = w - x1, w - x0
+            x0 = boxes[i, ..., 0].clone()  # [4] or [K, 4] (batch_boxes)
+            boxes[i, ..., 0] = w - boxes[i, ..., 2]
+            boxes[i, ..., 2] = w - x0
         gamma = float(np.exp(rng.uniform(np.log(0.7), np.log(1.4))))
         images[i] = images[i].clamp(min=0) ** gamma
     return images, boxes, target, mask_prompts
@@ -317,7 +352,7 @@ def train_litemedsam(
             if step >= total:
                 break
             batch = [drawn[i] for i in order[start : start + batch_size]]
-            boxes = torch.from_numpy(np.stack([s.box for s in batch])).to(device)
+            boxes = torch.from_numpy(batch_boxes(batch)).to(device)
             target = torch.from_numpy(np.stack([s.target for s in batch])[:, None].astype(np.float32)).to(device)
             valid = torch.from_numpy(np.stack([s.valid for s in batch])[:, None].astype(np.float32)).to(device)
             mask_prompts = batch_mask_prompts(batch, device)

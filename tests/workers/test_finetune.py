@@ -12,6 +12,7 @@ import torch
 from workers.finetune import (
     SliceItem,
     augment_batch,
+    batch_boxes,
     batch_mask_prompts,
     decode_batch,
     make_samples,
@@ -27,7 +28,7 @@ from workers.models.litemedsam import (
     load_litemedsam,
     mask_prompt_logits,
 )
-from workers.segmentation import SliceSegmenter
+from workers.segmentation import SliceSegmenter, shrunk_boxes
 
 
 def disk(height: int, width: int, centre: tuple[int, int], radius: int) -> np.ndarray:
@@ -90,6 +91,33 @@ def test_a_batch_mixes_prompts_with_and_without_a_mask(base, embedded_slices):
         assert torch.allclose(logits[1], prompted[0], atol=1e-4)
         unprompted, _ = base.decode(embeddings[1:], boxes=boxes[1:])
         assert not torch.allclose(logits[1], unprompted[0], atol=1e-2)
+
+
+def test_shrunk_box_samples_are_trained_on_the_logits_inference_averages(base, embedded_slices):
+    """``make_samples(box_shrinks=...)`` gives tight/loose samples the boxes ``SliceSegmenter.segment``
+    decodes, and ``decode_batch`` averages them as it does; neighbour samples keep one box."""
+    (first, mask, _), (second, _, _) = embedded_slices
+    items = [SliceItem(first.key, first.frame, mask, above=mask)]
+    samples = make_samples(items, np.random.default_rng(0), kinds=("tight", "neighbour"), box_shrinks=(2.0, 4.0))
+    tight = next(s for s in samples if s.kind == "tight")
+    neighbour = next(s for s in samples if s.kind == "neighbour")
+    assert neighbour.shrunk is None and tight.shrunk.shape == (2, 4)
+    slice_box = first.frame.to_image(tight.box)
+    expected = first.frame.to_model(shrunk_boxes(slice_box, (2.0, 4.0)))
+    np.testing.assert_allclose(np.concatenate([tight.box[None], tight.shrunk]), expected, atol=1e-3)
+    boxes = batch_boxes([tight, neighbour])
+    assert boxes.shape == (2, 3, 4) and (boxes[1] == neighbour.box).all()
+    assert batch_boxes([neighbour]).shape == (1, 1, 4)
+    embeddings = torch.cat([first.embedding.float(), second.embedding.float()])
+    with torch.no_grad():
+        logits, _ = decode_batch(base, embeddings, torch.from_numpy(boxes))
+        each, _ = base.decode(embeddings[:1], boxes=torch.from_numpy(boxes[0]))
+        assert torch.allclose(logits[0, 0], each[:, 0].mean(dim=0), atol=1e-4)
+        single, _ = base.decode(embeddings[1:], boxes=torch.from_numpy(boxes[1, :1]))
+        assert torch.allclose(logits[1], single[0], atol=1e-4)
+        segmenter = SliceSegmenter(model=base)
+        inferred, _ = segmenter.decode(first, boxes=shrunk_boxes(slice_box, segmenter.box_shrinks))
+        assert np.abs(first.frame.logits_to_image(logits[:1])[0, 0].numpy() - inferred[:, 0].mean(0)).max() < 1e-3
 
 
 def test_samples_teach_the_end_of_the_tumour():
