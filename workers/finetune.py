@@ -188,15 +188,16 @@ def batch_mask_prompts(batch: Sequence[Sample], device: torch.device) -> tuple[t
     return mask_prompt_logits(torch.from_numpy(masks).to(device)), has_mask
 
 
-def batch_boxes(batch: Sequence[Sample]) -> np.ndarray:
-    """``[B, K, 4]``: each sample's box and its ``shrunk`` boxes; a sample with fewer repeats its own
-    box, whose logits then average to that box's own (K = 1 when no sample has shrunk boxes)."""
-    count = 1 + max((len(s.shrunk) for s in batch if s.shrunk is not None), default=0)
+def batch_boxes(batch: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray]:
+    """``[B, K, 4]`` boxes and ``[B]`` counts: each sample's box, then its ``shrunk`` boxes, then
+    padding (copies of its box) up to the batch's largest K; ``decode_batch`` decodes only the first
+    ``count`` of each row, so one-box samples in a batch with shrunk ones cost one decode."""
+    counts = np.array([1 + (0 if s.shrunk is None else len(s.shrunk)) for s in batch])
     rows = []
-    for sample in batch:
+    for sample, count in zip(batch, counts, strict=True):
         boxes = [sample.box] + ([] if sample.shrunk is None else list(sample.shrunk))
-        rows.append(np.stack(boxes + [sample.box] * (count - len(boxes))))
-    return np.stack(rows).astype(np.float32)
+        rows.append(np.stack(boxes + [sample.box] * (int(counts.max()) - count)))
+    return np.stack(rows).astype(np.float32), counts
 
 
 def decode_batch(
@@ -204,21 +205,35 @@ def decode_batch(
     embeddings: torch.Tensor,
     boxes: torch.Tensor,
     mask_prompts: tuple[torch.Tensor, torch.Tensor] | None = None,
+    counts: torch.Tensor | np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``[B, 1, 256, 256]`` and IoU ``[B, 1]`` for B slices (with gradients), each the mean
-    over its K boxes (``boxes`` ``[B, K, 4]``, see ``batch_boxes``; or ``[B, 4]``), with the dense
-    mask prompts of ``batch_mask_prompts`` if given."""
+    """Logits ``[B, 1, 256, 256]`` and IoU ``[B, 1]`` for B slices (with gradients), with the dense
+    mask prompts of ``batch_mask_prompts`` if given.
+
+    ``boxes`` is ``[B, 4]``, or ``[B, K, 4]`` with ``counts`` (``batch_boxes``): each slice's logits
+    (and IoU) are then the mean over its first ``count`` boxes, as ``SliceSegmenter.segment`` averages
+    a box and its shrunk boxes.
+    """
     if boxes.dim() == 2:
         boxes = boxes[:, None]
     b, k = boxes.shape[:2]
-    repeat = (lambda t: t.repeat_interleave(k, dim=0)) if k > 1 else (lambda t: t)
+    if counts is None:
+        counts = torch.full((b,), k)
+    counts = torch.as_tensor(counts, device=boxes.device)
+    if k == 1 or bool((counts == 1).all()):
+        owner, flat = torch.arange(b, device=boxes.device), boxes[:, 0]
+    else:
+        used = torch.arange(k, device=boxes.device)[None] < counts[:, None]
+        owner, flat = used.nonzero()[:, 0], boxes[used]
     extra = {}
     if mask_prompts is not None:
-        extra = {"mask_logits": repeat(mask_prompts[0]), "has_mask": repeat(mask_prompts[1])}
-    logits, iou = model.decode_many(repeat(embeddings), boxes.reshape(b * k, 4), **extra)
-    if k == 1:
+        extra = {"mask_logits": mask_prompts[0][owner], "has_mask": mask_prompts[1][owner]}
+    logits, iou = model.decode_many(embeddings[owner], flat, **extra)
+    if len(owner) == b:
         return logits, iou
-    return logits.reshape(b, k, *logits.shape[1:]).mean(dim=1), iou.reshape(b, k, -1).mean(dim=1)
+    scale = 1 / counts.to(logits.dtype)
+    mean_logits = logits.new_zeros((b, *logits.shape[1:])).index_add(0, owner, logits * scale[owner, None, None, None])
+    return mean_logits, iou.new_zeros((b, iou.shape[1])).index_add(0, owner, iou * scale[owner, None])
 
 
 def segmentation_loss(
@@ -352,7 +367,8 @@ def train_litemedsam(
             if step >= total:
                 break
             batch = [drawn[i] for i in order[start : start + batch_size]]
-            boxes = torch.from_numpy(batch_boxes(batch)).to(device)
+            box_array, counts = batch_boxes(batch)
+            boxes = torch.from_numpy(box_array).to(device)
             target = torch.from_numpy(np.stack([s.target for s in batch])[:, None].astype(np.float32)).to(device)
             valid = torch.from_numpy(np.stack([s.valid for s in batch])[:, None].astype(np.float32)).to(device)
             mask_prompts = batch_mask_prompts(batch, device)
@@ -367,7 +383,7 @@ def train_litemedsam(
                 else:
                     emb = torch.cat([inputs[s.slice_key].reshape(1, 256, 64, 64) for s in batch])
                     emb = emb.to(device, torch.float32)
-                logits, iou_pred = decode_batch(model, emb, boxes, mask_prompts)
+                logits, iou_pred = decode_batch(model, emb, boxes, mask_prompts, counts)
             logits, iou_pred = logits.float(), iou_pred.float()
             loss, iou = segmentation_loss(logits, target, valid)
             loss = loss + functional.mse_loss(iou_pred[:, 0], iou.to(iou_pred.dtype))
