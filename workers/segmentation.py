@@ -70,7 +70,14 @@ checked on the other 13: (a) 0.878 → 0.882 (better on 8 patients, worse on 3 b
 (b) 0.833 → 0.855 (better on all 13). Tried and rejected: boxes shrunk towards the first mask's
 own box (0.005-0.01 below the fixed shrinks on the 12), and the same averaging in ``propagate``
 (12 patients 0.765 → 0.774 but median 0.824 → 0.812: its outlines became too small, STS_013 0.906
-→ 0.854), which keeps a single box."""
+→ 0.854), which keeps a single box.
+
+Next candidate, not adopted yet: shrinks of 2, 4 and 6 px with the average thresholded at −1 logit
+instead of 0 (the deeper shrink pulls a loose box in, the lower threshold gives a tight box its
+border back). Chosen on the 12 among 2,4 / 2,4,6 × thresholds −1 … +1: (a) 0.857 → 0.868, (b) 0.797
+→ 0.803; on the 13: (a) 0.882 → 0.890, (b) 0.855 → 0.852. A fourth prompt costs ~70 ms more per
+click on CPU, and (b) did not hold on the 13, so it waits for the cross-validation with the
+fine-tuned decoder."""
 
 BOX_SHRINKS_ENV = "STS_BOX_SHRINKS"
 """Comma-separated px overriding ``DEFAULT_BOX_SHRINKS_PX`` in the workers (``box_shrinks_from_env``);
@@ -392,7 +399,13 @@ class SliceSegmenter:
         return self.embed_many([image])[0]
 
     def embed_many(self, images: Sequence[Any], batch_size: int = 8) -> list[EmbeddedSlice]:
-        """Embeddings of several slices; the cache misses go through the encoder in batches (GPU)."""
+        """Embeddings of several slices; the cache misses go through the encoder in batches on a GPU.
+
+        On CPU one slice at a time: TinyViT took 1056 ms per slice alone against 1703 ms per slice
+        in batches of 8 (2 cores, in-process p50), its activations outgrowing the caches.
+        """
+        if self.model.device.type == "cpu":
+            batch_size = 1
         prepared = [self.prepare(image)[1:] for image in images]
         found: dict[str, torch.Tensor] = {}
         missing: dict[str, np.ndarray] = {}

@@ -161,6 +161,17 @@ def test_segment_many_matches_one_by_one(model):
     assert segmenter.encoder_calls == 2
 
 
+def test_the_cpu_encoder_takes_one_slice_at_a_time(model, monkeypatch):
+    """Batches of 8 ran 60 % slower per slice than single slices on 2 CPU cores; a GPU batches."""
+    seen: list[int] = []
+    embed = model.embed
+    monkeypatch.setattr(model, "embed", lambda images: seen.append(len(images)) or embed(images))
+    segmenter = SliceSegmenter(model=model)
+    images = [ellipse_slice(90, 100, centre=(50, 45), axes=(15, 12), seed=10 + i)[0] for i in range(3)]
+    embedded = segmenter.embed_many(images, batch_size=8)
+    assert seen == [1, 1, 1] and len({e.key for e in embedded}) == 3
+
+
 @pytest.mark.parametrize(
     ("box", "points", "problem"),
     [
