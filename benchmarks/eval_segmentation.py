@@ -270,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from core.errors import ConfigError
     from workers.models import load_litemedsam
-    from workers.segmentation import DEFAULT_BOX_SHRINKS_PX, DiskEmbeddingCache, SliceSegmenter
+    from workers.segmentation import DEFAULT_BOX_SHRINKS_PX, DiskEmbeddingCache, SliceSegmenter, parse_box_shrinks
 
     torch.set_num_threads(2)
     folders = sorted(p for p in args.data_dir.glob("STS_*") if p.is_dir())[: args.patients]
@@ -292,9 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     shrinks = DEFAULT_BOX_SHRINKS_PX
     if args.box_shrinks is not None:
         try:
-            shrinks = tuple(float(px) for px in args.box_shrinks.split(",") if px.strip())
-        except ValueError:
-            parser.error(f"--box-shrinks {args.box_shrinks!r}: expected comma-separated numbers")
+            shrinks = parse_box_shrinks(args.box_shrinks, "--box-shrinks")
+        except ConfigError as exc:
+            parser.error(str(exc))
     print(f"box prompts averaged with the box shrunk by {shrinks or 'nothing'} px", flush=True)
     segmenter = SliceSegmenter(model=model, cache=cache, box_shrinks=shrinks)
     if args.crop:

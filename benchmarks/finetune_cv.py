@@ -144,10 +144,10 @@ def train(base, items, args, fold_seed: int, label: str):
     from workers.finetune import make_samples, train_litemedsam
 
     kinds = tuple(k for k in args.kinds.split(",") if k)
-    shrinks = tuple(float(px) for px in args.train_box_shrinks.split(",") if px)
 
     def draw(rng: np.random.Generator) -> list:
-        samples = make_samples(items, rng, kinds=kinds, mask_prompts=args.mask_prompts, box_shrinks=shrinks)
+        samples = make_samples(items, rng, kinds=kinds, mask_prompts=args.mask_prompts,
+                               box_shrinks=args.train_box_shrinks)
         if args.max_samples and len(samples) > args.max_samples:
             samples = [samples[i] for i in sorted(rng.choice(len(samples), args.max_samples, replace=False))]
         return samples
@@ -209,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="neighbour prompts carry the neighbour's outline as a dense mask prompt, and the "
                              "fine-tuned model propagates with it (PropagationSettings.mask_prompt)")
     args = parser.parse_args(argv)
+    from core.errors import ConfigError
+    from workers.segmentation import parse_box_shrinks
+
+    try:
+        args.train_box_shrinks = parse_box_shrinks(args.train_box_shrinks, "--train-box-shrinks")
+    except ConfigError as exc:
+        parser.error(str(exc))
     if (args.ensemble or args.bag > 1) and args.train_encoder:
         parser.error("--ensemble and --bag need a decoder-only fine-tune (the members must share the image encoder)")
 
@@ -250,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         save_finetuned(model, args.train_all, {"patients": [p[0] for p in patients], "epochs": args.epochs,
                                                "samples": report.samples, "lr": args.lr, "kinds": args.kinds,
                                                "mask_prompts": args.mask_prompts,
-                                               "train_box_shrinks": args.train_box_shrinks},
+                                               "train_box_shrinks": list(args.train_box_shrinks)},
                        include_encoder=args.train_encoder)
         print(f"saved {args.train_all} ({report.samples} prompts, {report.steps} steps, "
               f"final loss {np.mean(report.losses[-20:]):.3f})")

@@ -217,14 +217,9 @@ def decode_batch(
     if boxes.dim() == 2:
         boxes = boxes[:, None]
     b, k = boxes.shape[:2]
-    if counts is None:
-        counts = torch.full((b,), k)
-    counts = torch.as_tensor(counts, device=boxes.device)
-    if k == 1 or bool((counts == 1).all()):
-        owner, flat = torch.arange(b, device=boxes.device), boxes[:, 0]
-    else:
-        used = torch.arange(k, device=boxes.device)[None] < counts[:, None]
-        owner, flat = used.nonzero()[:, 0], boxes[used]
+    counts = torch.as_tensor(k if counts is None else counts, device=boxes.device).expand(b)
+    used = torch.arange(k, device=boxes.device)[None] < counts[:, None]
+    owner, flat = used.nonzero()[:, 0], boxes[used]
     extra = {}
     if mask_prompts is not None:
         extra = {"mask_logits": mask_prompts[0][owner], "has_mask": mask_prompts[1][owner]}

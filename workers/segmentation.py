@@ -974,15 +974,14 @@ def default_segmenter() -> SliceSegmenter:
         return _DEFAULT_SEGMENTER
 
 
-def box_shrinks_from_env() -> tuple[float, ...]:
-    """``$STS_BOX_SHRINKS`` as px (unset: ``DEFAULT_BOX_SHRINKS_PX``; empty or ``0``: none).
+def parse_box_shrinks(raw: str, source: str = "box shrinks") -> tuple[float, ...]:
+    """Comma-separated px (``"2,4"``) as ``box_shrinks``; empty entries and zeros mean none.
+
+    The one reading of this format, shared by ``$STS_BOX_SHRINKS`` and the benchmarks' options.
 
     Raises:
-        ConfigError: an entry is not a number ≥ 0.
+        ConfigError: an entry is not a finite number >= 0 (the message names ``source``).
     """
-    raw = os.environ.get(BOX_SHRINKS_ENV)
-    if raw is None:
-        return DEFAULT_BOX_SHRINKS_PX
     shrinks = []
     for entry in (part.strip() for part in raw.split(",")):
         if not entry:
@@ -992,10 +991,20 @@ def box_shrinks_from_env() -> tuple[float, ...]:
         except ValueError:
             value = -1.0
         if not (value >= 0 and np.isfinite(value)):
-            raise ConfigError(f"${BOX_SHRINKS_ENV}={raw!r}: expected comma-separated pixels >= 0, e.g. '2,4'")
+            raise ConfigError(f"{source}={raw!r}: expected comma-separated pixels >= 0, e.g. '2,4'")
         if value > 0:
             shrinks.append(value)
     return tuple(shrinks)
+
+
+def box_shrinks_from_env() -> tuple[float, ...]:
+    """``$STS_BOX_SHRINKS`` as px (unset: ``DEFAULT_BOX_SHRINKS_PX``; empty or ``0``: none).
+
+    Raises:
+        ConfigError: an entry is not a number >= 0.
+    """
+    raw = os.environ.get(BOX_SHRINKS_ENV)
+    return DEFAULT_BOX_SHRINKS_PX if raw is None else parse_box_shrinks(raw, f"${BOX_SHRINKS_ENV}")
 
 
 def embedding_cache_budget_bytes() -> int:

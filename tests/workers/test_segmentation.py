@@ -32,6 +32,7 @@ from workers.segmentation import (
     SliceSegmenter,
     box_shrinks_from_env,
     fit_logistic,
+    parse_box_shrinks,
     propagate,
     segment_slice,
     segment_volume,
@@ -242,6 +243,8 @@ def test_workers_take_their_box_shrinks_from_the_environment(monkeypatch):
         monkeypatch.setenv("STS_BOX_SHRINKS", bad)
         with pytest.raises(ConfigError, match="STS_BOX_SHRINKS"):
             box_shrinks_from_env()
+    with pytest.raises(ConfigError, match="--box-shrinks"):  # the benchmarks' options read it the same way
+        parse_box_shrinks("2,-4", "--box-shrinks")
     monkeypatch.setenv("STS_BOX_SHRINKS", "")
     monkeypatch.setattr(workers.segmentation, "_DEFAULT_SEGMENTER", None)
     assert workers.segmentation.default_segmenter().box_shrinks == ()
