@@ -19,6 +19,13 @@ it); their embeddings come from the on-disk cache (computed and stored when miss
     .venv/bin/python benchmarks/finetune_cv.py --ensemble --bag 2   # + mean of base and tuned; of 2 tuned
     .venv/bin/python benchmarks/finetune_cv.py --mask-prompts   # neighbour's outline as a dense prompt too
     .venv/bin/python benchmarks/finetune_cv.py --train-box-shrinks 2,4   # train on the shrunk-box average
+    .venv/bin/python benchmarks/finetune_cv.py --train-neck   # the image encoder's neck learns too (CPU)
+    .venv/bin/python benchmarks/finetune_cv.py --save-models cv-models/   # keep each fold's decoder
+    .venv/bin/python benchmarks/finetune_cv.py --load-models cv-models/   # score them again, no training
+
+Saved fold decoders record their held-out patients; loading refuses a decoder whose fold differs from
+the one it would be scored on, so an inference-time change can be compared on the same decoders
+without ever scoring a decoder on a patient it was trained on.
 """
 
 from __future__ import annotations
@@ -65,6 +72,28 @@ def load_patients(data_dir: Path, names: list[str] | None) -> list[tuple[str, np
         lo, hi = max(0, zs.min() - MARGIN_SLICES), min(len(mask) - 1, zs.max() + MARGIN_SLICES)
         out.append((folder.name, image[lo : hi + 1], mask[lo : hi + 1]))
     return out
+
+
+def cache_neck_inputs(segmenter, patients, cache) -> None:
+    """Put every slice's neck input (``workers.finetune.neck_inputs``) into ``cache`` and its base
+    embedding into the segmenter's cache, one encoder pass per slice missing from either."""
+    import torch
+    from tqdm import tqdm
+
+    from workers.finetune import neck_inputs
+
+    todo = []
+    for _, image, _ in patients:
+        for z in range(len(image)):
+            _, model_input, _, key = segmenter.prepare(image[z])
+            if key not in cache:
+                todo.append((key, model_input))
+    for key, model_input in tqdm(todo, desc="neck inputs", unit="slice", leave=False):
+        batch = torch.from_numpy(model_input)[None, None].expand(-1, 3, -1, -1)
+        features, embedding = neck_inputs(segmenter.model, batch)
+        cache.put(key, features[0])
+        if key not in segmenter.cache:
+            segmenter.cache.put(key, embedding[0])
 
 
 def slice_items(segmenter, image: np.ndarray, mask: np.ndarray) -> list:
@@ -154,6 +183,8 @@ def train(base, items, args, fold_seed: int, label: str):
 
     if args.train_encoder:
         inputs = {item.key: torch.from_numpy(args.model_inputs[item.key]) for item in items}
+    elif args.train_neck:
+        inputs = {item.key: args.neck_cache.get(item.key) for item in items}
     else:
         inputs = {item.key: args.cache.get(item.key) for item in items}
     model = copy.deepcopy(base)
@@ -164,19 +195,64 @@ def train(base, items, args, fold_seed: int, label: str):
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
 
-    report = train_litemedsam(model, draw, inputs, train_encoder=args.train_encoder, epochs=args.epochs,
-                              batch_size=args.batch_size, lr=args.lr, seed=fold_seed, progress=progress)
+    report = train_litemedsam(model, draw, inputs, train_encoder=args.train_encoder, train_neck=args.train_neck,
+                              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                              encoder_lr=args.encoder_lr, seed=fold_seed, progress=progress)
     bar.close()
-    if args.train_encoder:
-        model.version = model.encoder_version = f"{base.version}-{label.replace(' ', '')}-encoder"
+    if args.train_encoder or args.train_neck:
+        part = "encoder" if args.train_encoder else "neck"
+        model.version = model.encoder_version = f"{base.version}-{label.replace(' ', '')}-{part}"
     return model, report
 
 
-def tuned_segmenter(model, args):
-    """A segmenter for a fine-tuned model: base embeddings from disk, a tuned encoder's in memory only."""
-    from workers.segmentation import EmbeddingCache, SliceSegmenter
+def fold_model(base, train_items, held_out_names: list[str], args, k: int):
+    """Fold ``k``'s fine-tuned model: trained here (and saved with ``--save-models``) or, with
+    ``--load-models``, read back after checking that it was held out from exactly these patients."""
+    from workers.finetune import save_finetuned
+    from workers.models import load_litemedsam
 
-    return SliceSegmenter(model=model, cache=EmbeddingCache(8192) if args.train_encoder else args.cache)
+    if args.load_models is not None:
+        path = args.load_models / f"fold{k}.pt"
+        if not path.is_file():
+            raise SystemExit(f"{path}: no saved decoder for fold {k} (train it with --save-models)")
+        import torch
+
+        saved = torch.load(path, map_location="cpu", weights_only=True).get("metadata", {})
+        if bool(saved.get("train_neck")) != args.train_neck:
+            raise SystemExit(f"{path}: train_neck={bool(saved.get('train_neck'))} when saved; run with the same flag")
+        if sorted(saved.get("held_out", [])) != sorted(held_out_names):
+            raise SystemExit(f"{path}: held out {saved.get('held_out')}, but fold {k} is {held_out_names}; "
+                             "same --folds and patients as when it was saved?")
+        return load_litemedsam(base.device, finetuned_path=path), None
+    model, report = train(base, train_items, args, args.seed + k, f"fold {k}")
+    if args.save_models is not None:
+        save_finetuned(model, args.save_models / f"fold{k}.pt",
+                       {"held_out": held_out_names, "fold": k, "folds": args.folds, "epochs": args.epochs,
+                        "samples": report.samples, "lr": args.lr, "kinds": args.kinds,
+                        "mask_prompts": args.mask_prompts, "train_box_shrinks": list(args.train_box_shrinks),
+                        "train_neck": args.train_neck},
+                       include_encoder=args.train_encoder, include_neck=args.train_neck)
+    return model, report
+
+
+def tuned_segmenter(model, args, patients):
+    """A segmenter for a fine-tuned model: base embeddings from disk, a tuned encoder's in memory only
+    (a tuned neck's computed from the cached neck inputs of ``patients``' slices)."""
+    import torch
+
+    from workers.segmentation import EmbeddingCache, SliceSegmenter, embedding_key
+
+    if not (args.train_encoder or args.train_neck):
+        return SliceSegmenter(model=model, cache=args.cache)
+    segmenter = SliceSegmenter(model=model, cache=EmbeddingCache(8192))
+    if args.train_neck:
+        for _, image, _ in patients:
+            for z in range(len(image)):
+                _, model_input, _, base_key = args.base_segmenter.prepare(image[z])
+                with torch.inference_mode():
+                    embedding = model.image_encoder.neck(args.neck_cache.get(base_key).float())
+                segmenter.cache.put(embedding_key(model_input, model.encoder_version), embedding)
+    return segmenter
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,6 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-box-shrinks", default="",
                         help="comma-separated px: train tight/loose prompts on the logits averaged with the box "
                              "shrunk by these, as SliceSegmenter.segment decodes them (e.g. 2,4; '' = one box)")
+    parser.add_argument("--train-neck", action="store_true",
+                        help="the image encoder's neck learns too, from cached inputs of the neck (CPU-friendly)")
+    parser.add_argument("--encoder-lr", type=float, default=None,
+                        help="learning rate of the encoder (or its neck); default lr / 4")
+    parser.add_argument("--save-models", type=Path, default=None, help="write fold k's decoder to DIR/fold{k}.pt")
+    parser.add_argument("--load-models", type=Path, default=None,
+                        help="score the decoders saved with --save-models instead of training")
     parser.add_argument("--mask-prompts", action="store_true",
                         help="neighbour prompts carry the neighbour's outline as a dense mask prompt, and the "
                              "fine-tuned model propagates with it (PropagationSettings.mask_prompt)")
@@ -216,7 +299,11 @@ def main(argv: list[str] | None = None) -> int:
         args.train_box_shrinks = parse_box_shrinks(args.train_box_shrinks, "--train-box-shrinks")
     except ConfigError as exc:
         parser.error(str(exc))
-    if (args.ensemble or args.bag > 1) and args.train_encoder:
+    if args.load_models is not None and (args.save_models is not None or args.bag > 1 or args.train_encoder):
+        parser.error("--load-models scores saved decoders: no --save-models, --bag or --train-encoder with it")
+    if args.train_neck and (args.train_encoder or args.mask_prompts):
+        parser.error("--train-neck is the CPU alternative to --train-encoder, without --mask-prompts")
+    if (args.ensemble or args.bag > 1) and (args.train_encoder or args.train_neck):
         parser.error("--ensemble and --bag need a decoder-only fine-tune (the members must share the image encoder)")
 
     import torch
@@ -237,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
         patients = [p for p in unpack(args.packed) if not wanted_names or p[0] in wanted_names]
     else:
         patients = load_patients(args.data_dir, wanted_names)
-    base_segmenter = SliceSegmenter(model=base, cache=args.cache)
+    base_segmenter = args.base_segmenter = SliceSegmenter(model=base, cache=args.cache)
+    if args.train_neck:
+        args.neck_cache = DiskEmbeddingCache(args.embedding_dir, f"{base.encoder_version}-neck-input", max_entries=4096)
+        cache_neck_inputs(base_segmenter, patients, args.neck_cache)
     items = {name: slice_items(base_segmenter, image, mask) for name, image, mask in patients}
     args.model_inputs = {}
     if args.train_encoder:
@@ -258,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                                                "samples": report.samples, "lr": args.lr, "kinds": args.kinds,
                                                "mask_prompts": args.mask_prompts,
                                                "train_box_shrinks": list(args.train_box_shrinks)},
-                       include_encoder=args.train_encoder)
+                       include_encoder=args.train_encoder, include_neck=args.train_neck)
         print(f"saved {args.train_all} ({report.samples} prompts, {report.steps} steps, "
               f"final loss {np.mean(report.losses[-20:]):.3f})")
         return 0
@@ -274,10 +364,11 @@ def main(argv: list[str] | None = None) -> int:
         held_out = [p for p in patients if p[0] in folds[k]]
         train_items = [i for name, v in items.items() if name not in folds[k] for i in v]
         fold_started = time.perf_counter()
-        model, report = train(base, train_items, args, args.seed + k, f"fold {k}")
+        model, report = fold_model(base, train_items, folds[k], args, k)
         results = {
             "off-the-shelf": evaluate(base_segmenter, held_out, args.seed + 100 + k),
-            "fine-tuned": evaluate(tuned_segmenter(model, args), held_out, args.seed + 100 + k, tuned_propagation),
+            "fine-tuned": evaluate(tuned_segmenter(model, args, held_out), held_out, args.seed + 100 + k,
+                                   tuned_propagation),
         }
         if args.ensemble:
             ensemble = SliceSegmenter(model=DecoderEnsemble([base, model]), cache=args.cache)
@@ -293,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                 totals.setdefault(label, {}).setdefault(part, []).extend(values)
             line.append(f"{label}: (a) {np.mean(scores['a']):.3f} (b) {np.mean(scores['b']):.3f} "
                         f"(d) {np.mean(scores['d']):.3f} (d0) {np.mean(scores['d0']):.3f}")
-        print(f"fold {k} ({', '.join(folds[k])}; {report.samples} prompts, {report.steps} steps, "
+        trained = f"{report.samples} prompts, {report.steps} steps" if report else f"loaded from {args.load_models}"
+        print(f"fold {k} ({', '.join(folds[k])}; {trained}, "
               f"{time.perf_counter() - fold_started:.0f} s): " + "; ".join(line), flush=True)
 
     titles = {"a": "(a) box + 5 px, slice Dice", "b": "(b) loose box, slice Dice",

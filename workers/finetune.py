@@ -4,7 +4,9 @@ By default only the prompt encoder and mask decoder learn: the image encoder (Ti
 compute) stays frozen, so its embeddings can be computed once, cached on disk
 (``DiskEmbeddingCache``) and reused by every epoch, every cross-validation fold and the live workers
 alike; training then fits on CPU. On a GPU, ``train_litemedsam(train_encoder=True)`` also adapts the
-encoder to our MRI (with augmentation); its embeddings then get new cache keys. What is learnt is
+encoder to our MRI (with augmentation); its embeddings then get new cache keys. On a CPU,
+``train_neck=True`` adapts only the encoder's last two convolutions (its neck) from cached inputs of
+the neck (``neck_inputs``), at about the cost of a decoder-only step. What is learnt is
 how boxes drawn by *our* annotators relate to *our* tumours:
 
 - ``tight``: the mask's box + 5 px (a careful annotator);
@@ -254,15 +256,45 @@ def segmentation_loss(
 TRAINABLE_PREFIXES = {
     "decoder": ("prompt_encoder.", "mask_decoder."),
     "encoder": ("image_encoder.",),
+    "neck": ("image_encoder.neck.",),
 }
-"""State-dict prefixes of what fine-tuning may change: always the decoder side, optionally the encoder."""
+"""State-dict prefixes of what fine-tuning may change: always the decoder side, optionally the encoder
+(all of it, on a GPU) or only its neck (``train_neck``, on a CPU)."""
+
+NECK_INPUT_SHAPE = (320, 64, 64)
+"""TinyViT's last stage output, the neck's input: what ``neck_inputs`` caches per slice."""
 
 
-def trainable_state(model: LiteMedSAM, include_encoder: bool = False) -> dict[str, torch.Tensor]:
-    """The parameters fine-tuning changes (prompt encoder, mask decoder and, if asked, image encoder)."""
-    prefixes = TRAINABLE_PREFIXES["decoder"] + (TRAINABLE_PREFIXES["encoder"] if include_encoder else ())
+def trainable_state(
+    model: LiteMedSAM, include_encoder: bool = False, include_neck: bool = False
+) -> dict[str, torch.Tensor]:
+    """The parameters fine-tuning changes (prompt encoder, mask decoder and, if asked, image encoder
+    or only its neck)."""
+    prefixes = TRAINABLE_PREFIXES["decoder"]
+    if include_encoder:
+        prefixes += TRAINABLE_PREFIXES["encoder"]
+    elif include_neck:
+        prefixes += TRAINABLE_PREFIXES["neck"]
     state = model.state_dict()
     return {name: value.detach().cpu().clone() for name, value in state.items() if name.startswith(prefixes)}
+
+
+def neck_inputs(model: LiteMedSAM, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(neck inputs [B, 320, 64, 64], embeddings [B, 256, 64, 64])`` of network inputs ``[B, 3, 256, 256]``.
+
+    One encoder pass gives both: ``train_neck`` trains on the first, while the frozen encoder's
+    embeddings serve everything else (the decoder-only recipe, the base model's figures).
+    """
+    captured: list[torch.Tensor] = []
+    handle = model.image_encoder.neck.register_forward_pre_hook(
+        lambda _module, args: captured.append(args[0].detach().float().contiguous())
+    )
+    try:
+        with torch.inference_mode():
+            embeddings = model.embed(images)
+    finally:
+        handle.remove()
+    return captured[0], embeddings
 
 
 def augment_batch(
@@ -307,6 +339,7 @@ def train_litemedsam(
     inputs: dict[str, torch.Tensor],
     *,
     train_encoder: bool = False,
+    train_neck: bool = False,
     epochs: int = 4,
     batch_size: int = 16,
     lr: float = 5e-5,
@@ -321,7 +354,11 @@ def train_litemedsam(
     ``[1, 256, 64, 64]``, computed once by the frozen encoder. With ``train_encoder`` (a GPU job):
     ``inputs`` maps each slice key to its network input ``[256, 256]`` (``preprocess_slice``), the
     encoder runs on every batch (bfloat16 autocast on CUDA) and the batch is augmented
-    (``augment_batch``), since the encoder can otherwise memorise 20 patients' slices.
+    (``augment_batch``), since the encoder can otherwise memorise 20 patients' slices. With
+    ``train_neck`` (CPU-friendly): ``inputs`` maps each slice key to the frozen TinyViT stages' output
+    ``[320, 64, 64]`` (``neck_inputs``) and only the encoder's neck (0.67 M parameters: two
+    convolutions and two layer norms) learns with the decoder; the neck is about 3 % of the encoder's
+    compute, so a step costs about what a decoder-only step does, and the embeddings change with it.
 
     Args:
         model: a trainable LiteMedSAM (NOT the cached instance from ``load_litemedsam``: copy it).
@@ -330,10 +367,16 @@ def train_litemedsam(
         encoder_lr: the image encoder's learning rate (default ``lr / 4``: it moves more slowly).
         progress: optional callable ``(step, total, loss)`` for a progress bar.
     """
+    if train_encoder and train_neck:
+        raise ValueError("train_encoder trains the neck too: ask for one of train_encoder and train_neck")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     draw = samples if callable(samples) else (lambda _rng: samples)
-    prefixes = TRAINABLE_PREFIXES["decoder"] + (TRAINABLE_PREFIXES["encoder"] if train_encoder else ())
+    prefixes = TRAINABLE_PREFIXES["decoder"]
+    if train_encoder:
+        prefixes += TRAINABLE_PREFIXES["encoder"]
+    elif train_neck:
+        prefixes += TRAINABLE_PREFIXES["neck"]
     model.requires_grad_(False)
     groups: dict[str, list[torch.nn.Parameter]] = {"decoder": [], "encoder": []}
     for name, param in model.named_parameters():
@@ -343,8 +386,9 @@ def train_litemedsam(
     model.prompt_encoder.train()
     model.mask_decoder.train()
     model.image_encoder.train(train_encoder)
+    model.image_encoder.neck.train(train_encoder or train_neck)
     param_groups = [{"params": groups["decoder"], "lr": lr}]
-    if train_encoder:
+    if train_encoder or train_neck:
         param_groups.append({"params": groups["encoder"], "lr": encoder_lr if encoder_lr is not None else lr / 4})
     optimiser = torch.optim.AdamW(param_groups, weight_decay=weight_decay)
     first = list(draw(rng))
@@ -375,6 +419,9 @@ def train_litemedsam(
                         images, boxes, target, valid, rng, mask_prompts
                     )
                     emb = model.image_encoder(images[:, None].expand(-1, 3, -1, -1))
+                elif train_neck:
+                    features = torch.cat([inputs[s.slice_key].reshape(1, *NECK_INPUT_SHAPE) for s in batch])
+                    emb = model.image_encoder.neck(features.to(device, torch.float32))
                 else:
                     emb = torch.cat([inputs[s.slice_key].reshape(1, 256, 64, 64) for s in batch])
                     emb = emb.to(device, torch.float32)
@@ -399,18 +446,20 @@ def save_finetuned(
     path: str | os.PathLike[str],
     metadata: dict[str, Any] | None = None,
     include_encoder: bool = False,
+    include_neck: bool = False,
 ) -> Path:
     """Write the fine-tuned weights to ``path`` atomically (temp file, rename).
 
     The file holds the prompt encoder and mask decoder (and, with ``include_encoder``, the image
-    encoder: then the embedding cache is keyed anew) plus the base weights' SHA-256, so that
+    encoder, or with ``include_neck`` its neck: either way the embedding cache is keyed anew) plus
+    the base weights' SHA-256, so that
     ``load_litemedsam(finetuned_path=...)`` refuses it over any other base.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "base_sha256": model.weights_sha256,
-        "state": trainable_state(model, include_encoder),
+        "state": trainable_state(model, include_encoder, include_neck),
         "metadata": metadata or {},
     }
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

@@ -16,6 +16,7 @@ from workers.finetune import (
     batch_mask_prompts,
     decode_batch,
     make_samples,
+    neck_inputs,
     save_finetuned,
     segmentation_loss,
     train_litemedsam,
@@ -222,6 +223,37 @@ def test_encoder_fine_tuning_gets_its_own_embeddings(base, embedded_slices, tmp_
     assert tuned.encoder_version != base.encoder_version and tuned.encoder_version.startswith(base.encoder_version)
     image = embedded_slices[0][2]
     assert SliceSegmenter(model=tuned).prepare(image)[3] != SliceSegmenter(model=base).prepare(image)[3]
+
+
+def test_neck_fine_tuning_trains_from_cached_neck_inputs_what_a_worker_then_embeds(base, embedded_slices, tmp_path):
+    images = torch.stack([torch.from_numpy(m) for _, _, m in embedded_slices])[:, None].expand(-1, 3, -1, -1)
+    features, embeddings = neck_inputs(base, images)
+    assert features.shape == (2, 320, 64, 64)
+    with torch.no_grad():  # the cached inputs, through the neck, are the frozen encoder's embeddings
+        assert torch.allclose(base.image_encoder.neck(features), embeddings, atol=1e-4)
+    for (embedded, _, _), embedding in zip(embedded_slices, embeddings, strict=True):
+        assert torch.allclose(embedded.embedding.float()[0], embedding, atol=2e-2)  # float16 in the cache
+
+    items = [SliceItem(e.key, e.frame, mask) for e, mask, _ in embedded_slices]
+    inputs = {e.key: f.half() for (e, _, _), f in zip(embedded_slices, features, strict=True)}
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="one of train_encoder and train_neck"):
+        train_litemedsam(model, [], inputs, train_encoder=True, train_neck=True)
+    report = train_litemedsam(model, lambda rng: make_samples(items, rng, kinds=("loose",)), inputs,
+                              train_neck=True, epochs=1, batch_size=2, lr=1e-3)
+    assert report.steps == 1 and np.isfinite(report.losses).all()
+    changed = {n.split(".")[0] for n, v in model.image_encoder.state_dict().items()
+               if not torch.equal(v, base.image_encoder.state_dict()[n])}
+    assert changed == {"neck"} and not model.image_encoder.training
+
+    path = save_finetuned(model, tmp_path / "neck.pt", include_neck=True)
+    saved = torch.load(path, weights_only=True)["state"]
+    assert any(n.startswith("image_encoder.neck.") for n in saved)
+    assert not any(n.startswith("image_encoder.") and not n.startswith("image_encoder.neck.") for n in saved)
+    tuned = load_litemedsam("cpu", finetuned_path=path)
+    assert tuned.encoder_version != base.encoder_version  # so no base embedding is served with the new neck
+    with torch.no_grad():  # a worker's full encoder pass gives what training's neck gave
+        assert torch.allclose(tuned.embed(images), model.image_encoder.neck(features), atol=1e-3)
 
 
 def test_a_decoder_ensemble_averages_its_members_over_one_embedding(base, embedded_slices):
