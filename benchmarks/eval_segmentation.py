@@ -264,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--box-shrinks", default=None, metavar="PX,PX",
                         help="(a)-(c): the boxes averaged with each box prompt, shrunk by these px per side "
                              "(default: the workers' DEFAULT_BOX_SHRINKS_PX; '' for the box alone)")
+    parser.add_argument("--box-threshold", type=float, default=None, metavar="LOGIT",
+                        help="(a)-(c): where the shrunk-box average is cut (default: DEFAULT_BOX_THRESHOLD)")
     parser.add_argument("--crop", action="store_true",
                         help="only the tumour's slices ± 3, as finetune_cv.py (and its embedding cache) uses them")
     args = parser.parse_args(argv)
@@ -272,7 +274,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from core.errors import ConfigError
     from workers.models import load_litemedsam
-    from workers.segmentation import DEFAULT_BOX_SHRINKS_PX, DiskEmbeddingCache, SliceSegmenter, parse_box_shrinks
+    from workers.segmentation import (
+        DEFAULT_BOX_SHRINKS_PX,
+        DEFAULT_BOX_THRESHOLD,
+        DiskEmbeddingCache,
+        SliceSegmenter,
+        parse_box_shrinks,
+    )
 
     torch.set_num_threads(2)
     folders = sorted(p for p in args.data_dir.glob("STS_*") if p.is_dir())[: args.patients]
@@ -296,8 +304,10 @@ def main(argv: list[str] | None = None) -> int:
             shrinks = parse_box_shrinks(args.box_shrinks, "--box-shrinks")
         except ConfigError as exc:
             parser.error(str(exc))
-    print(f"box prompts averaged with the box shrunk by {shrinks or 'nothing'} px", flush=True)
-    segmenter = SliceSegmenter(model=model, cache=cache, box_shrinks=shrinks)
+    threshold = DEFAULT_BOX_THRESHOLD if args.box_threshold is None else args.box_threshold
+    segmenter = SliceSegmenter(model=model, cache=cache, box_shrinks=shrinks, box_threshold=threshold)
+    print(f"box prompts averaged with the box shrunk by {shrinks or 'nothing'} px, cut at logit "
+          f"{segmenter.box_cut:g}", flush=True)
     if args.crop:
         from finetune_cv import load_patients
 

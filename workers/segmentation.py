@@ -55,33 +55,41 @@ DEFAULT_BOX_KEEP_MARGIN_PX = 0.15
 """Connected components of a box-prompted mask are kept when they overlap the box grown by this
 fraction of its size on each side; the rest are leaks into neighbouring structures."""
 
-DEFAULT_BOX_SHRINKS_PX = (2.0, 4.0)
+DEFAULT_BOX_SHRINKS_PX = (2.0, 4.0, 6.0)
 """A box prompt is also given shrunk by each of these (px, each side) and the logits are averaged.
 
 LiteMedSAM takes a box as the object's bounds, so a box drawn with a margin comes back with a mask
 that spills into it (muscle, fat); the shrunk boxes pull the outline in, while averaging keeps what
-the tighter boxes alone would cut off where the model is sure. A box never shrinks below 4 px a side.
-It costs one decoder call with three prompts instead of one: on two CPU cores 196 ms instead of
-63 ms per click (p50, cached embedding), on a GPU a few ms; the encoder does not run again.
+the tighter boxes alone would cut off where the model is sure. The average is cut at
+``DEFAULT_BOX_THRESHOLD`` (−1 logit, not 0), which gives a tight box its border back: whatever pulls
+the outline in helps loose boxes and hurts tight ones, and this pair is where neither loses. A box
+never shrinks below 4 px a side. It costs one decoder call with four prompts instead of one: on two
+CPU cores 187-190 ms instead of 46-48 ms per click (141-143 ms with 2,4 px; p50, cached embedding),
+on a GPU a few ms; the encoder does not run again.
 
-Measured with ``benchmarks/eval_segmentation.py --parts ab`` (off-the-shelf model, mean slice Dice),
-chosen on the first 12 IBSI patients: (a) box + 5 px 0.841 → 0.857, (b) loose box 0.762 → 0.797;
-checked on the other 13: (a) 0.878 → 0.882 (better on 8 patients, worse on 3 by up to 0.022),
-(b) 0.833 → 0.855 (better on all 13). Tried and rejected: boxes shrunk towards the first mask's
-own box (0.005-0.01 below the fixed shrinks on the 12), and the same averaging in ``propagate``
-(12 patients 0.765 → 0.774 but median 0.824 → 0.812: its outlines became too small, STS_013 0.906
-→ 0.854), which keeps a single box.
+Measured with the 25 IBSI patients (mean slice Dice; (a) box + 5 px, (b) loose box), always chosen
+on the first 12 and checked on the other 13:
+- 2,4 px at 0 against the box alone, off-the-shelf: (a) 0.841 → 0.857, (b) 0.762 → 0.797 on the 12;
+  (a) 0.878 → 0.882, (b) 0.833 → 0.855 on the 13.
+- 2,4,6 px at −1 against 2,4 px at 0, chosen among {2,4; 2,4,6} × thresholds −1 … +1: off-the-shelf
+  (a) 0.857 → 0.868, (b) 0.797 → 0.803 on the 12, (a) 0.882 → 0.890, (b) 0.855 → 0.852 on the 13;
+  with each patient's fold decoder of a 5-fold CV (``finetune_cv.py --train-neck --save-models``),
+  (a) 0.849 → 0.857, (b) 0.823 → 0.825 on the 12, (a) 0.883 → 0.890, (b) 0.8685 → 0.8686 on the 13;
+  the decoder-only recipe's 5-fold CV, all 25: (a) 0.866 → 0.874, (b) 0.844 → 0.845.
+Tried and rejected: boxes shrunk towards the first mask's own box (0.005-0.01 below the fixed
+shrinks on the 12); a cut chosen by the gap between the first mask and the box (within 0.001: the
+gaps of tight and loose boxes overlap too much, medians 6.0 and 7.3 px off-the-shelf); the same
+averaging in ``propagate`` (12 patients 0.765 → 0.774 but median 0.824 → 0.812: its outlines became
+too small, STS_013 0.906 → 0.854), which keeps a single box."""
 
-Next candidate, not adopted yet: shrinks of 2, 4 and 6 px with the average thresholded at −1 logit
-instead of 0 (the deeper shrink pulls a loose box in, the lower threshold gives a tight box its
-border back). Chosen on the 12 among 2,4 / 2,4,6 × thresholds −1 … +1: (a) 0.857 → 0.868, (b) 0.797
-→ 0.803; on the 13: (a) 0.882 → 0.890, (b) 0.855 → 0.852. A fourth prompt costs ~70 ms more per
-click on CPU, and (b) did not hold on the 13, so it waits for the cross-validation with the
-fine-tuned decoder."""
+DEFAULT_BOX_THRESHOLD = -1.0
+"""Logit at which the shrunk-box average is cut (see ``DEFAULT_BOX_SHRINKS_PX``); a box decoded
+alone is cut at 0 (probability 0.5), as the model was trained."""
 
 BOX_SHRINKS_ENV = "STS_BOX_SHRINKS"
 """Comma-separated px overriding ``DEFAULT_BOX_SHRINKS_PX`` in the workers (``box_shrinks_from_env``);
-empty or ``0`` decodes the box alone: a CPU-only site trades (b)'s +0.02 Dice for ~130 ms per click."""
+empty or ``0`` decodes the box alone (cut at 0): a CPU-only site trades about 0.01 on tight boxes and
+0.02-0.05 on loose ones for ~200 ms per click. Other shrinks keep ``DEFAULT_BOX_THRESHOLD``."""
 
 DEFAULT_POINT_BOX_HALF_SIDES_PX = (12.0, 20.0, 30.0, 45.0)
 """Points only: candidate half-sides (px, in the slice) of boxes centred on the positive clicks."""
@@ -369,13 +377,21 @@ class SliceSegmenter:
         cache: EmbeddingCache | None = None,
         box_keep_margin: float | None = DEFAULT_BOX_KEEP_MARGIN_PX,
         box_shrinks: Sequence[float] = DEFAULT_BOX_SHRINKS_PX,
+        box_threshold: float = DEFAULT_BOX_THRESHOLD,
     ) -> None:
         self._model = model
         self._device = torch.device(device) if device is not None else None
         self.cache = cache if cache is not None else EmbeddingCache(cache_size)
         self.box_keep_margin = box_keep_margin
         self.box_shrinks = tuple(float(px) for px in box_shrinks)
+        self.box_threshold = float(box_threshold)
         self.encoder_calls = 0
+
+    @property
+    def box_cut(self) -> float:
+        """The logit a box prompt's mask is cut at: ``box_threshold`` for the shrunk-box average, 0 for
+        a box decoded alone."""
+        return self.box_threshold if self.box_shrinks else 0.0
 
     @property
     def model(self) -> LiteMedSAM:
@@ -500,7 +516,7 @@ class SliceSegmenter:
                 np.repeat(point_px[0][None], len(boxes), axis=0), np.repeat(point_px[1][None], len(boxes), axis=0)
             ),
         )
-        return self.postprocess(logits[:, 0].mean(axis=0), box_px)
+        return self.postprocess(logits[:, 0].mean(axis=0) - self.box_cut, box_px)
 
     def _segment_points(self, image: np.ndarray, points: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         """Clicks only: LiteMedSAM was trained with boxes, so boxes of several sizes are tried around the
@@ -546,7 +562,7 @@ class SliceSegmenter:
             logits = logits.float().reshape(len(chunk), per_slice, *logits.shape[-2:]).mean(dim=1, keepdim=True)
             for item, box, item_logits in zip(embedded, chunk, logits, strict=True):
                 image_logits = item.frame.logits_to_image(item_logits[None])[0, 0].cpu().numpy()
-                masks.append(self.postprocess(image_logits, box))
+                masks.append(self.postprocess(image_logits - self.box_cut, box))
         return masks
 
 

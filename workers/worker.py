@@ -75,6 +75,7 @@ def warm_model() -> dict[str, Any]:
     segment_slice(image, box=(16, 16, 48, 48))
     segmenter = default_segmenter()
     return {"segmentation_model": str(segmenter.model.version), "box_shrinks_px": list(segmenter.box_shrinks),
+            "box_threshold": segmenter.box_cut,
             "warm_s": round(time.perf_counter() - start, 2)}
 
 
