@@ -116,7 +116,7 @@ def test_shrunk_box_samples_are_trained_on_the_logits_inference_averages(base, e
         assert torch.allclose(logits[0, 0], each[:, 0].mean(dim=0), atol=1e-4)
         single, _ = base.decode(embeddings[1:], boxes=torch.from_numpy(boxes[1, :1]))
         assert torch.allclose(logits[1], single[0], atol=1e-4)
-        segmenter = SliceSegmenter(model=base)
+        segmenter = SliceSegmenter(model=base, box_shrinks=(2.0, 4.0))
         inferred, _ = segmenter.decode(first, boxes=shrunk_boxes(slice_box, segmenter.box_shrinks))
         assert np.abs(first.frame.logits_to_image(logits[:1])[0, 0].numpy() - inferred[:, 0].mean(0)).max() < 1e-3
 
