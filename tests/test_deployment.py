@@ -39,3 +39,15 @@ def test_readme_commands_exist() -> None:
         assert script in readme
         assert (REPO / script.split()[0]).is_file()
     assert "scripts/test.sh" in (REPO / ".ci" / "run").read_text()
+
+
+def test_compose_passes_the_workers_default_box_shrinks_and_lets_an_empty_value_through() -> None:
+    """``${STS_BOX_SHRINKS-...}`` (not ``:-``): an empty value must reach the workers, where it means
+    the box alone, and the default written in compose must be the code's."""
+    from workers.segmentation import DEFAULT_BOX_SHRINKS_PX, parse_box_shrinks
+
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    value = compose["x-project"]["environment"]["STS_BOX_SHRINKS"]
+    match = re.fullmatch(r"\$\{STS_BOX_SHRINKS-([^}]*)\}", value)
+    assert match, value
+    assert parse_box_shrinks(match.group(1)) == DEFAULT_BOX_SHRINKS_PX
