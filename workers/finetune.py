@@ -265,16 +265,19 @@ NECK_INPUT_SHAPE = (320, 64, 64)
 """TinyViT's last stage output, the neck's input: what ``neck_inputs`` caches per slice."""
 
 
+def trainable_prefixes(encoder: bool = False, neck: bool = False) -> tuple[str, ...]:
+    """What learns, as state-dict prefixes: the decoder side, plus the whole encoder or only its neck;
+    the one place that training and saving agree on it."""
+    extra = TRAINABLE_PREFIXES["encoder"] if encoder else TRAINABLE_PREFIXES["neck"] if neck else ()
+    return TRAINABLE_PREFIXES["decoder"] + extra
+
+
 def trainable_state(
     model: LiteMedSAM, include_encoder: bool = False, include_neck: bool = False
 ) -> dict[str, torch.Tensor]:
     """The parameters fine-tuning changes (prompt encoder, mask decoder and, if asked, image encoder
     or only its neck)."""
-    prefixes = TRAINABLE_PREFIXES["decoder"]
-    if include_encoder:
-        prefixes += TRAINABLE_PREFIXES["encoder"]
-    elif include_neck:
-        prefixes += TRAINABLE_PREFIXES["neck"]
+    prefixes = trainable_prefixes(include_encoder, include_neck)
     state = model.state_dict()
     return {name: value.detach().cpu().clone() for name, value in state.items() if name.startswith(prefixes)}
 
@@ -372,11 +375,7 @@ def train_litemedsam(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     draw = samples if callable(samples) else (lambda _rng: samples)
-    prefixes = TRAINABLE_PREFIXES["decoder"]
-    if train_encoder:
-        prefixes += TRAINABLE_PREFIXES["encoder"]
-    elif train_neck:
-        prefixes += TRAINABLE_PREFIXES["neck"]
+    prefixes = trainable_prefixes(train_encoder, train_neck)
     model.requires_grad_(False)
     groups: dict[str, list[torch.nn.Parameter]] = {"decoder": [], "encoder": []}
     for name, param in model.named_parameters():

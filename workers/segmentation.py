@@ -486,6 +486,11 @@ class SliceSegmenter:
             image_logits = frame.logits_to_image(logits)
         return image_logits.cpu().numpy(), iou.cpu().numpy()
 
+    def box_mask(self, average_logits: np.ndarray, box: np.ndarray) -> np.ndarray:
+        """The mask of a box prompt from the logits averaged over the box and its shrunk boxes: cut at
+        ``box_cut``, then ``postprocess`` (what ``segment`` and ``segment_many`` both return)."""
+        return self.postprocess(average_logits - self.box_cut, box)
+
     def postprocess(self, logits: np.ndarray, box: np.ndarray | None) -> np.ndarray:
         """Threshold at 0 (probability 0.5), fill holes, drop components away from the box."""
         mask = logits > 0
@@ -516,7 +521,7 @@ class SliceSegmenter:
                 np.repeat(point_px[0][None], len(boxes), axis=0), np.repeat(point_px[1][None], len(boxes), axis=0)
             ),
         )
-        return self.postprocess(logits[:, 0].mean(axis=0) - self.box_cut, box_px)
+        return self.box_mask(logits[:, 0].mean(axis=0), box_px)
 
     def _segment_points(self, image: np.ndarray, points: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         """Clicks only: LiteMedSAM was trained with boxes, so boxes of several sizes are tried around the
@@ -562,7 +567,7 @@ class SliceSegmenter:
             logits = logits.float().reshape(len(chunk), per_slice, *logits.shape[-2:]).mean(dim=1, keepdim=True)
             for item, box, item_logits in zip(embedded, chunk, logits, strict=True):
                 image_logits = item.frame.logits_to_image(item_logits[None])[0, 0].cpu().numpy()
-                masks.append(self.postprocess(image_logits - self.box_cut, box))
+                masks.append(self.box_mask(image_logits, box))
         return masks
 
 
