@@ -30,6 +30,7 @@ from workers.segmentation import (
     DEFAULT_PROPAGATION,
     NoAutomaticModelError,
     SeedClassifier,
+    SeedLikeness,
     SliceSegmenter,
     box_shrinks_from_env,
     fit_logistic,
@@ -363,27 +364,51 @@ def test_propagate_on_a_real_patient(shared_data: Path):
 
 
 @pytest.mark.slow
-def test_one_unlike_slice_does_not_end_the_tumour(shared_data: Path):
-    """On STS_041 the mask of one slice on each side of the seed looks "unlike" the seed tumour
-    (likeness 0.69-0.70 against a 0.7 bar) while the tumour goes on for several slices: with no
-    patience propagation stops there (volume Dice 0.615), with the default it goes on (0.739)."""
+def test_the_likeness_test_follows_a_tumour_whose_look_drifts_and_forgives_one_dip(shared_data: Path):
+    """On STS_023 (tumour on slices 16-59) the seed's mean embeddings alone call the masks "unlike"
+    the seed a few slices out (likeness 0.60-0.68 against their 0.7 bar, measured) and stopped
+    propagation on 34-40 (volume Dice 0.42). With the seed classifier's view in the likeness it
+    reaches 31-46 (0.63); with no patience for a slice that dips below the bar it stops sooner
+    (0.61)."""
     import SimpleITK as sitk
 
-    folder = shared_data / "ibsi-sts-t1" / "STS_041"
+    folder = shared_data / "ibsi-sts-t1" / "STS_023"
     volume = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "MR_T1_image.nii.gz")))
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "MR_T1_mask.nii.gz"))) > 0
     seed_index = int(np.argmax(truth.reshape(len(truth), -1).sum(1)))
     segmenter = SliceSegmenter()
-    impatient_trace: list = []
-    impatient = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter, trace=impatient_trace,
-                          settings=dataclasses.replace(DEFAULT_PROPAGATION, likeness_patience=0))
-    assert any(step.unlike and not step.kept for step in impatient_trace)
     trace: list = []
     result = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter, trace=trace)
+    means_only = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter, settings=dataclasses.replace(
+        DEFAULT_PROPAGATION, likeness_classifier_weight=0.0, min_likeness=0.7, likeness_patience=2))
+    impatient = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter,
+                          settings=dataclasses.replace(DEFAULT_PROPAGATION, likeness_patience=0))
+    reached = result.any(axis=(1, 2))
+    assert reached.sum() > means_only.any(axis=(1, 2)).sum() + 5
+    assert not (reached & ~truth.any(axis=(1, 2))).any()  # and still not past the tumour's ends
+    assert dice(result, truth) > dice(means_only, truth) + 0.1
     confirmed = [step for step in trace if step.unlike and step.kept]  # dipped, then a later slice passed
     assert confirmed and all(result[step.index].any() for step in confirmed)
-    assert result.any(axis=(1, 2)).sum() > impatient.any(axis=(1, 2)).sum()
-    assert dice(result, truth) > dice(impatient, truth) + 0.05
+    assert reached.sum() > impatient.any(axis=(1, 2)).sum()
+    assert dice(result, truth) > dice(impatient, truth)
+
+
+def test_seed_likeness_weighs_the_mean_embeddings_against_the_seed_classifier(model):
+    (image0, truth0, _), (image1, truth1, _) = (ellipse_slice(96, 96, (48, 46), (20, 14), seed=z) for z in (0, 1))
+    segmenter = SliceSegmenter(model=model)
+    seed_embedded, other = segmenter.embed(image0), segmenter.embed(image1)
+    classifier = SeedClassifier(seed_embedded, truth0)
+    views = {
+        weight: SeedLikeness(seed_embedded, truth0, 10.0, classifier, weight).likeness(other, truth1)
+        for weight in (0.0, 0.5, 1.0)
+    }
+    assert SeedLikeness(seed_embedded, truth0, 10.0).likeness(other, truth1) == views[0.0]
+    assert views[0.5] == pytest.approx((views[0.0] + views[1.0]) / 2)
+    assert views[0.0] > 0.9 and views[1.0] > 0.9  # the tumour on the next slice looks like the seed's
+    background = np.zeros_like(truth1)
+    background[:20, :30] = True  # noise only, far from the ellipse
+    assert SeedLikeness(seed_embedded, truth0, 10.0, classifier, 0.5).likeness(other, background) < 0.2
+    assert SeedLikeness(seed_embedded, truth0, 10.0, classifier, 0.5).likeness(other, np.zeros_like(truth1)) == 0.0
 
 
 def test_signed_distance_is_positive_inside_and_ignores_the_image_border():
@@ -442,11 +467,12 @@ def test_seed_classifier_marks_the_seed_tumour_on_the_next_slice(model):
 
 @pytest.mark.slow
 def test_feature_prior_tightens_propagation_on_a_real_patient(shared_data: Path):
-    """On STS_019 the seed classifier keeps the chain off the tissue around the tumour's ends
-    (volume Dice 0.70 without, 0.82 with, measured)."""
+    """The seed classifier's pull on the outlines: on STS_050 volume Dice 0.805 without, 0.845 with
+    (measured; it helped 21 of the 25 IBSI patients, by 0.015 on average on the first 12). Both chains
+    stop at the same slices: the likeness test, which uses the classifier too, sets the extent."""
     import SimpleITK as sitk
 
-    folder = shared_data / "ibsi-sts-t1" / PROPAGATION_PATIENT
+    folder = shared_data / "ibsi-sts-t1" / "STS_050"
     volume = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "MR_T1_image.nii.gz")))
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "MR_T1_mask.nii.gz"))) > 0
     seed_index = int(np.argmax(truth.reshape(len(truth), -1).sum(1)))
@@ -455,4 +481,5 @@ def test_feature_prior_tightens_propagation_on_a_real_patient(shared_data: Path)
                       settings=dataclasses.replace(DEFAULT_PROPAGATION, feature_prior=0.0))
     guided = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter,
                        settings=dataclasses.replace(DEFAULT_PROPAGATION, feature_prior=0.5))
-    assert dice(guided, truth) > dice(plain, truth) + 0.05
+    assert np.array_equal(guided.any(axis=(1, 2)), plain.any(axis=(1, 2)))
+    assert dice(guided, truth) > dice(plain, truth) + 0.02
