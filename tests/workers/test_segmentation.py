@@ -40,6 +40,7 @@ from workers.segmentation import (
     segment_volume,
     shrunk_boxes,
     signed_distance,
+    smooth_along_z,
 )
 
 PROPAGATION_PATIENT = "STS_019"
@@ -411,6 +412,50 @@ def test_seed_likeness_weighs_the_mean_embeddings_against_the_seed_classifier(mo
     assert SeedLikeness(seed_embedded, truth0, 10.0, classifier, 0.5).likeness(other, np.zeros_like(truth1)) == 0.0
 
 
+def disk_logits(shape: tuple[int, int], radius: float) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (4.0 * np.tanh((radius - np.hypot(yy - shape[0] / 2, xx - shape[1] / 2)) / 3.0)).astype(np.float32)
+
+
+def test_smoothing_along_z_pulls_an_outlier_outline_towards_its_neighbours():
+    shape, box = (64, 64), np.array([10.0, 10.0, 54.0, 54.0], np.float32)
+    seed = disk_logits(shape, 12) > 0
+    radii = {1: 11.0, 2: 16.0, 3: 10.0}  # slice 2 drawn too big; nothing drawn past slice 3
+    drawn = {z: (disk_logits(shape, r), box) for z, r in radii.items()}
+    out = np.zeros((5, *shape), bool)
+    out[0] = seed
+    for z, (logits, _) in drawn.items():
+        out[z] = logits > 0
+    before = out.copy()
+    smooth_along_z(out, drawn, 0, seed, SliceSegmenter(), DEFAULT_PROPAGATION)
+    assert np.array_equal(out[0], seed) and not out[4].any()  # the seed and the slices past the end stay
+    assert before[2].sum() > out[2].sum() > (disk_logits(shape, 11) > 0).sum()  # pulled in, not to nothing
+    assert out[3].sum() > before[3].sum()  # its missing outer neighbour counts as itself: only slice 2 pulls
+    unchanged = before.copy()
+    off = dataclasses.replace(DEFAULT_PROPAGATION, neighbour_smoothing=0.0)
+    smooth_along_z(unchanged, drawn, 0, seed, SliceSegmenter(), off)  # weight 0: each slice keeps its own
+    assert np.array_equal(unchanged, before)
+
+
+@pytest.mark.slow
+def test_smoothing_along_z_helps_on_a_real_patient(shared_data: Path):
+    """On STS_019 (15 tumour slices) volume Dice 0.831 without, 0.840 with smoothing
+    (measured); the extent is the chain's either way."""
+    import SimpleITK as sitk
+
+    folder = shared_data / "ibsi-sts-t1" / PROPAGATION_PATIENT
+    volume = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "MR_T1_image.nii.gz")))
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "MR_T1_mask.nii.gz"))) > 0
+    seed_index = int(np.argmax(truth.reshape(len(truth), -1).sum(1)))
+    segmenter = SliceSegmenter()
+    smoothed = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter)
+    plain = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter,
+                      settings=dataclasses.replace(DEFAULT_PROPAGATION, neighbour_smoothing=0.0))
+    assert np.array_equal(smoothed.any(axis=(1, 2)), plain.any(axis=(1, 2)))
+    assert np.array_equal(smoothed[seed_index], truth[seed_index])
+    assert dice(smoothed, truth) > dice(plain, truth) + 0.004
+
+
 def test_signed_distance_is_positive_inside_and_ignores_the_image_border():
     mask = np.zeros((7, 9), bool)
     mask[2:5, 3:7] = True
@@ -467,7 +512,7 @@ def test_seed_classifier_marks_the_seed_tumour_on_the_next_slice(model):
 
 @pytest.mark.slow
 def test_feature_prior_tightens_propagation_on_a_real_patient(shared_data: Path):
-    """The seed classifier's pull on the outlines: on STS_050 volume Dice 0.805 without, 0.845 with
+    """The seed classifier's pull on the outlines: on STS_050 volume Dice 0.806 without, 0.846 with
     (measured; it helped 21 of the 25 IBSI patients, by 0.015 on average on the first 12). Both chains
     stop at the same slices: the likeness test, which uses the classifier too, sets the extent."""
     import SimpleITK as sitk
