@@ -369,8 +369,8 @@ def test_the_likeness_test_follows_a_tumour_whose_look_drifts_and_forgives_one_d
     """On STS_023 (tumour on slices 16-59) the seed's mean embeddings alone call the masks "unlike"
     the seed a few slices out (likeness 0.60-0.68 against their 0.7 bar, measured) and stopped
     propagation on 34-40 (volume Dice 0.42). With the seed classifier's view in the likeness it
-    reaches 31-46 (0.63); with no patience for a slice that dips below the bar it stops sooner
-    (0.61)."""
+    reaches 31-46 (0.65); with no patience for a slice that dips below the bar it stops sooner
+    (0.62)."""
     import SimpleITK as sitk
 
     folder = shared_data / "ibsi-sts-t1" / "STS_023"
@@ -439,7 +439,7 @@ def test_smoothing_along_z_pulls_an_outlier_outline_towards_its_neighbours():
 
 @pytest.mark.slow
 def test_smoothing_along_z_helps_on_a_real_patient(shared_data: Path):
-    """On STS_019 (15 tumour slices) volume Dice 0.831 without, 0.840 with smoothing
+    """On STS_019 (15 tumour slices) volume Dice 0.828 without, 0.835 with smoothing
     (measured); the extent is the chain's either way."""
     import SimpleITK as sitk
 
@@ -512,9 +512,10 @@ def test_seed_classifier_marks_the_seed_tumour_on_the_next_slice(model):
 
 @pytest.mark.slow
 def test_feature_prior_tightens_propagation_on_a_real_patient(shared_data: Path):
-    """The seed classifier's pull on the outlines: on STS_050 volume Dice 0.806 without, 0.846 with
-    (measured; it helped 21 of the 25 IBSI patients, by 0.015 on average on the first 12). Both chains
-    stop at the same slices: the likeness test, which uses the classifier too, sets the extent."""
+    """The seed classifier's pull on the outlines: on STS_050 volume Dice 0.806 without, 0.855 with
+    at the default weight (measured; at 0.5 it helped 21 of the 25 IBSI patients, by 0.015 on average
+    on the first 12). Both chains stop at the same slices: the likeness test, which uses the classifier
+    too, sets the extent."""
     import SimpleITK as sitk
 
     folder = shared_data / "ibsi-sts-t1" / "STS_050"
@@ -524,7 +525,7 @@ def test_feature_prior_tightens_propagation_on_a_real_patient(shared_data: Path)
     segmenter = SliceSegmenter()
     plain = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter,
                       settings=dataclasses.replace(DEFAULT_PROPAGATION, feature_prior=0.0))
-    guided = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter,
-                       settings=dataclasses.replace(DEFAULT_PROPAGATION, feature_prior=0.5))
+    guided = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter)
+    assert DEFAULT_PROPAGATION.feature_prior > 0
     assert np.array_equal(guided.any(axis=(1, 2)), plain.any(axis=(1, 2)))
     assert dice(guided, truth) > dice(plain, truth) + 0.02
