@@ -886,6 +886,12 @@ def signed_distance(mask: np.ndarray) -> np.ndarray:
     return d_in - d_out
 
 
+def outline_logits(mask: np.ndarray, magnitude: float, width_px: float) -> np.ndarray:
+    """``magnitude × tanh(d / width_px)``, ``d`` the signed distance to ``mask``'s border: an outline as
+    logits that are sure far from it and undecided on it (the shape prior, the seed when smoothing)."""
+    return magnitude * np.tanh(signed_distance(mask) / width_px)
+
+
 def _disk(radius_px: float) -> np.ndarray:
     size = 2 * int(np.ceil(radius_px)) + 1
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
@@ -924,7 +930,7 @@ def _propagate_step(
     logits, iou = segmenter.decode(embedded, boxes=box[None], mask_logits=mask_logits)
     logit = logits[0, 0]
     if settings.shape_prior:
-        logit = logit + settings.shape_prior * np.tanh(signed_distance(previous) / settings.shape_prior_px)
+        logit = logit + outline_logits(previous, settings.shape_prior, settings.shape_prior_px)
     judged = None  # what the likeness test sees: the model's own outline, without the classifier's pull
     if classifier is not None:
         judged, _ = _cut_to_reach(segmenter.postprocess(logit - settings.mask_threshold, box), previous, settings)
@@ -1015,8 +1021,7 @@ def propagate(
                         drawn=guided_drawn)
         both = extent & guided.any(axis=(1, 2))
         out[both] = guided[both]
-        drawn = {index: item for index, item in drawn.items() if not both[index]}
-        drawn.update((index, item) for index, item in guided_drawn.items() if both[index])
+        drawn.update(guided_drawn)  # every slice the guided chain kept is one of ``both``
     if settings.neighbour_smoothing > 0:
         smooth_along_z(out, drawn, seed_index, seed, segmenter, settings)
     return out
@@ -1043,7 +1048,7 @@ def smooth_along_z(
     """
     weight = settings.neighbour_smoothing
     logits = {index: item[0] for index, item in drawn.items()}
-    logits[seed_index] = SEED_LOGIT * np.tanh(signed_distance(seed) / settings.shape_prior_px)
+    logits[seed_index] = outline_logits(seed, SEED_LOGIT, settings.shape_prior_px)
     for index, (own, box) in drawn.items():
         below, above = logits.get(index - 1, own), logits.get(index + 1, own)
         mask = segmenter.postprocess((1.0 - weight) * own + weight * 0.5 * (below + above), box)
