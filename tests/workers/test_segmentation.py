@@ -36,11 +36,12 @@ from workers.segmentation import (
     fit_logistic,
     parse_box_shrinks,
     propagate,
+    recut_outlines,
     segment_slice,
     segment_volume,
     shrunk_boxes,
     signed_distance,
-    smooth_along_z,
+    taper_cuts,
 )
 
 PROPAGATION_PATIENT = "STS_019"
@@ -427,14 +428,41 @@ def test_smoothing_along_z_pulls_an_outlier_outline_towards_its_neighbours():
     for z, (logits, _) in drawn.items():
         out[z] = logits > 0
     before = out.copy()
-    smooth_along_z(out, drawn, 0, seed, SliceSegmenter(), DEFAULT_PROPAGATION)
+    smoothing = dataclasses.replace(DEFAULT_PROPAGATION, taper_cut=0.0)
+    recut_outlines(out, drawn, 0, seed, SliceSegmenter(), smoothing)
     assert np.array_equal(out[0], seed) and not out[4].any()  # the seed and the slices past the end stay
     assert before[2].sum() > out[2].sum() > (disk_logits(shape, 11) > 0).sum()  # pulled in, not to nothing
     assert out[3].sum() > before[3].sum()  # its missing outer neighbour counts as itself: only slice 2 pulls
     unchanged = before.copy()
-    off = dataclasses.replace(DEFAULT_PROPAGATION, neighbour_smoothing=0.0)
-    smooth_along_z(unchanged, drawn, 0, seed, SliceSegmenter(), off)  # weight 0: each slice keeps its own
+    off = dataclasses.replace(smoothing, neighbour_smoothing=0.0)
+    recut_outlines(unchanged, drawn, 0, seed, SliceSegmenter(), off)  # weight 0: each slice keeps its own
     assert np.array_equal(unchanged, before)
+
+
+def test_taper_cut_rises_from_its_start_to_each_end_of_the_extent():
+    settings = dataclasses.replace(DEFAULT_PROPAGATION, taper_cut=4.0, taper_from=0.5)
+    cuts = taper_cuts([6, 7, 8, 9, 11, 12, 13, 14, 15, 16, 17, 18], 10, settings)  # 4 below the seed, 8 above
+    assert cuts[9] == cuts[11] == cuts[12] == cuts[13] == cuts[14] == 0.0  # up to half way: no cut
+    assert cuts[8] == pytest.approx(0.0) and cuts[7] == pytest.approx(2.0) and cuts[6] == pytest.approx(4.0)
+    assert cuts[16] == pytest.approx(2.0) and cuts[18] == pytest.approx(4.0)  # each side its own reach
+    assert all(c == 0.0 for c in taper_cuts([9, 11], 10, dataclasses.replace(settings, taper_cut=0.0)).values())
+
+
+def test_taper_cut_shrinks_the_outer_outlines_and_may_end_the_extent_early():
+    shape, box = (64, 64), np.array([10.0, 10.0, 54.0, 54.0], np.float32)
+    seed = disk_logits(shape, 12) > 0
+    radii = {1: 12.0, 2: 12.0, 3: 12.0, 4: 3.0}  # the chain kept the size; slice 4 barely tumour
+    drawn = {z: (disk_logits(shape, r), box) for z, r in radii.items()}
+    out = np.zeros((6, *shape), bool)
+    out[0] = seed
+    for z, (logits, _) in drawn.items():
+        out[z] = logits > 0
+    before = out.copy()
+    settings = dataclasses.replace(DEFAULT_PROPAGATION, neighbour_smoothing=0.0, taper_cut=4.0, taper_from=0.5)
+    recut_outlines(out, drawn, 0, seed, SliceSegmenter(), settings)
+    assert np.array_equal(out[:3], before[:3])  # the seed and the slices up to half way keep their outline
+    assert 0 < out[3].sum() < before[3].sum()  # three quarters of the way out: shrunk
+    assert not out[4].any() and not out[5].any()  # cut away at the end: the extent ends at slice 3
 
 
 @pytest.mark.slow
@@ -448,12 +476,36 @@ def test_smoothing_along_z_helps_on_a_real_patient(shared_data: Path):
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "MR_T1_mask.nii.gz"))) > 0
     seed_index = int(np.argmax(truth.reshape(len(truth), -1).sum(1)))
     segmenter = SliceSegmenter()
-    smoothed = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter)
+    no_taper = dataclasses.replace(DEFAULT_PROPAGATION, taper_cut=0.0)  # smoothing alone
+    smoothed = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter, settings=no_taper)
     plain = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter,
-                      settings=dataclasses.replace(DEFAULT_PROPAGATION, neighbour_smoothing=0.0))
+                      settings=dataclasses.replace(no_taper, neighbour_smoothing=0.0))
     assert np.array_equal(smoothed.any(axis=(1, 2)), plain.any(axis=(1, 2)))
     assert np.array_equal(smoothed[seed_index], truth[seed_index])
     assert dice(smoothed, truth) > dice(plain, truth) + 0.004
+
+
+@pytest.mark.slow
+def test_the_taper_cut_helps_on_a_real_patient(shared_data: Path):
+    """On STS_008 (tumour on slices 3-21 of 28) volume Dice 0.781 without, 0.790 with the taper cut
+    (measured): the outlines near the tumour's ends shrink; the seed and the middle stay."""
+    import SimpleITK as sitk
+
+    folder = shared_data / "ibsi-sts-t1" / "STS_008"
+    volume = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "MR_T1_image.nii.gz")))
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "MR_T1_mask.nii.gz"))) > 0
+    seed_index = int(np.argmax(truth.reshape(len(truth), -1).sum(1)))
+    segmenter = SliceSegmenter()
+    assert DEFAULT_PROPAGATION.taper_cut > 0
+    tapered = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter)
+    untapered = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter,
+                          settings=dataclasses.replace(DEFAULT_PROPAGATION, taper_cut=0.0))
+    reached = np.nonzero(untapered.any(axis=(1, 2)))[0]
+    assert not (tapered & ~untapered).any()  # it only ever takes away
+    assert np.array_equal(tapered[seed_index], truth[seed_index])
+    ends = [reached.min(), reached.max()]
+    assert tapered[ends].sum() < untapered[ends].sum()
+    assert dice(tapered, truth) > dice(untapered, truth) + 0.005
 
 
 def test_signed_distance_is_positive_inside_and_ignores_the_image_border():
@@ -523,9 +575,10 @@ def test_feature_prior_tightens_propagation_on_a_real_patient(shared_data: Path)
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "MR_T1_mask.nii.gz"))) > 0
     seed_index = int(np.argmax(truth.reshape(len(truth), -1).sum(1)))
     segmenter = SliceSegmenter()
+    no_taper = dataclasses.replace(DEFAULT_PROPAGATION, taper_cut=0.0)  # it may end either extent a slice early
     plain = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter,
-                      settings=dataclasses.replace(DEFAULT_PROPAGATION, feature_prior=0.0))
-    guided = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter)
+                      settings=dataclasses.replace(no_taper, feature_prior=0.0))
+    guided = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter, settings=no_taper)
     assert DEFAULT_PROPAGATION.feature_prior > 0
     assert np.array_equal(guided.any(axis=(1, 2)), plain.any(axis=(1, 2)))
     assert dice(guided, truth) > dice(plain, truth) + 0.02
