@@ -640,12 +640,13 @@ class PropagationSettings:
             a slice beyond the extent counts as itself, the seed as its mask's signed distance) and
             cut again. The chain drew each outline from the slice before it only; this lets the slice
             after it (outwards, where the tumour is usually smaller) have its say too. 0 turns it off.
-        taper_cut: logits taken off the outermost propagated slice's outline when it is re-cut (with
-            ``neighbour_smoothing``), rising linearly from 0 at ``taper_from`` of the way from the seed
-            to each end of the extent. A chain draws each outline from the one before it, so where the
-            tumour tapers towards its ends the outlines keep their size (predicted area 1.32× the
-            truth on the outer fifth); the cut lets them shrink there, and leaves the middle alone.
-            0 turns it off.
+        taper_cut: logits taken off the outermost slice's outline in the outline chain (the second
+            chain, which runs over the extent the first one found), rising linearly from 0 at
+            ``taper_from`` of the way from the seed to each end of that extent. A chain draws each
+            outline from the one before it, so where the tumour tapers towards its ends the outlines
+            keep their size (predicted area 1.32× the truth on the outer fifth); the cut lets them
+            shrink there, and the next slice's box with them, and leaves the middle alone. 0 turns
+            it off.
         taper_from: where the taper cut starts, as a fraction of the way from the seed to the end.
         likeness_patience: how many slices in a row may fail ``min_likeness`` alone (their mask is
             otherwise fine) before propagation stops; they are kept when a later slice passes again.
@@ -769,7 +770,13 @@ among 2 from 0.5, 4 from 0.5, 4 from 0.7, 2 from 0.2 and 6 from 0.7: 0.8233, 0.8
 0.8232, 0.8235; 4 from 0.7 made fewest worse (8 better, 2 worse, by up to 0.017 on STS_019). On
 the other 13: 0.8590 → 0.8652 (11 better, 2 worse by up to 0.003). All 25 cut volumes (the CV's
 off-the-shelf (d)) 0.8410 → 0.8452 (median 0.842 → 0.844; 19 better, 4 worse); past the tumour's
-ends fell from 13 % to 6 % of the wrong voxels.
+ends fell from 13 % to 6 % of the wrong voxels. That cut was first applied when the outlines were
+re-cut after the chain; applied in the outline chain itself, where the extent is already known (so
+the next slice's box shrinks too, and a slice the cut empties ends the tumour there), it gained
+again: on the 12, 0.8237 → 0.8255 (9 better, 3 worse by up to 0.006; ramps 3 from 0.7 and 4 from
+0.6 gave 0.8250 and 0.8252), on the 13, 0.8652 → 0.8681 (10 better, 2 worse by up to 0.007).
+All 25 cut volumes 0.8452 → 0.8476 (median 0.845), full volumes 0.836 → 0.840 (median 0.837); in
+all, 0.8410 → 0.8476 and 0.832 → 0.840 for the taper cut.
 
 Tried and rejected in the same session (12 patients, cut volumes): the outline chain decoding the
 box with its shrunk boxes (as ``segment`` does) from a 5 px margin, so that the shrink does not
@@ -780,7 +787,10 @@ it (0.8237 → 0.8237); re-prompting each slice with its own mask's box, or with
 classifier finds there (worse on 11 and 9 of the first 11 patients: the chain's outline beats a
 fresh box prompt); and, for (a) and (b), a classifier fitted per slice to the box's confident core against the
 cells outside it, added to the logits (on the 12, (a) 0.868 → 0.862 and (b) 0.803 → 0.804 at
-weight 0.25)."""
+weight 0.25). With the taper cut (on the 12, against 0.8237 before it moved into the chain): two
+slices of likeness patience (0.8162) or a likeness cut at 0.5 (0.8205), now that reaching further
+costs less; ``max_shift_px`` 8 (0.8235); a 4 px box margin (0.8144); smoothing weight 0.8 (0.8242,
+within noise)."""
 
 
 @dataclass
@@ -948,11 +958,13 @@ def _propagate_step(
     settings: PropagationSettings,
     index: int,
     classifier: SeedClassifier | None = None,
+    taper: float = 0.0,
 ) -> tuple[np.ndarray, PropagationStep, np.ndarray, np.ndarray]:
     """Segment ``image`` prompted by the previous slice's mask; say whether the tumour goes on.
 
-    Returns the mask, the step, and the logits (already less ``mask_threshold``) and box it was cut
-    from (for ``recut_outlines``).
+    ``taper`` logits are taken off with ``mask_threshold`` (this slice's taper cut, ``taper_cuts``).
+    Returns the mask, the step, and the logits (already less both) and box it was cut from (for
+    ``recut_outlines``).
     """
     box = check_box(mask_box(previous) + np.array([-1, -1, 1, 1]) * settings.box_margin_px, image.shape)
     embedded = segmenter.embed(image)
@@ -967,7 +979,7 @@ def _propagate_step(
     if classifier is not None:
         judged, _ = _cut_to_reach(segmenter.postprocess(logit - settings.mask_threshold, box), previous, settings)
         logit = logit + settings.feature_prior * np.clip(classifier.logits(embedded), -8.0, 8.0)
-    logit = logit - settings.mask_threshold
+    logit = logit - settings.mask_threshold - taper
     mask, overlap = _cut_to_reach(segmenter.postprocess(logit, box), previous, settings)
     judged = mask if judged is None else judged
     area = int(mask.sum())
@@ -1043,18 +1055,17 @@ def propagate(
         likeness = SeedLikeness(seed_embedded, seed, settings.ring_px, classifier, settings.likeness_classifier_weight)
     drawn: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     out = _chain(segmenter, array, seed_index, seed, likeness, settings, None, trace, drawn=drawn)
-    if settings.feature_prior:
-        # The classifier's outlines are better, but a chain it guides no longer knows where the tumour
-        # ends (its masks look like the tumour by construction): the unguided chain sets the extent,
-        # and the guided one never goes past it (no encoder or decoder work on slices left empty).
+    if settings.feature_prior or settings.taper_cut:
+        # The outlines come from a second chain over the extent the first one found. The classifier's
+        # outlines are better, but a chain it guides no longer knows where the tumour ends (its masks
+        # look like the tumour by construction); and only a known extent says how far out each slice
+        # lies, for the taper cut. The second chain never goes past the extent (no encoder or decoder
+        # work on slices left empty); where it stops sooner, the tumour ends there.
         extent = out.any(axis=(1, 2))
-        guided_drawn: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        guided = _chain(segmenter, array, seed_index, seed, likeness, settings, classifier, None, extent,
-                        drawn=guided_drawn)
-        both = extent & guided.any(axis=(1, 2))
-        out[both] = guided[both]
-        drawn.update(guided_drawn)  # every slice the guided chain kept is one of ``both``
-    if settings.neighbour_smoothing > 0 or settings.taper_cut > 0:
+        drawn = {}
+        out = _chain(segmenter, array, seed_index, seed, likeness, settings,
+                     classifier if settings.feature_prior else None, None, extent, drawn=drawn)
+    if settings.neighbour_smoothing > 0:
         recut_outlines(out, drawn, seed_index, seed, segmenter, settings)
     return out
 
@@ -1064,8 +1075,9 @@ SEED_LOGIT = 10.0
 
 
 def taper_cuts(indices: Sequence[int], seed_index: int, settings: PropagationSettings) -> dict[int, float]:
-    """The logit ``taper_cut`` takes off each propagated slice: 0 up to ``taper_from`` of the way from
-    the seed to that side's outermost slice in ``indices``, then rising linearly to ``taper_cut``."""
+    """The logit ``taper_cut`` takes off each slice of an extent (``indices``, the seed's included):
+    0 up to ``taper_from`` of the way from the seed to that side's outermost slice, then rising
+    linearly to ``taper_cut`` there."""
     above = max((i for i in indices if i > seed_index), default=seed_index)
     below = min((i for i in indices if i < seed_index), default=seed_index)
     cuts = {}
@@ -1085,34 +1097,23 @@ def recut_outlines(
     segmenter: SliceSegmenter,
     settings: PropagationSettings,
 ) -> None:
-    """Cut each propagated slice of ``out`` again (in place), once the chain has run and the extent is
-    known: from its logits mixed with its neighbours' (``neighbour_smoothing``) less the taper cut
-    (``taper_cut``, ``taper_cuts``).
+    """Cut each propagated slice of ``out`` again (in place) from its logits mixed with its
+    neighbours' (``neighbour_smoothing``), once the chain has run.
 
-    ``drawn`` holds the logits and box each kept slice was cut from. A neighbour that was not drawn
-    (past the extent, or the volume's edge) counts as the slice itself, so the ends are not pulled
-    towards nothing; the seed counts as its outline's signed distance, saturated at ``SEED_LOGIT``.
-    Without a taper cut, a slice that would come out empty keeps its outline; with one, it may end
-    the extent there (the tumour has tapered away), and the slices past it are cleared so the
-    result stays one run of slices. Measured in ``DEFAULT_PROPAGATION``'s notes.
+    ``drawn`` holds the logits (less any taper cut) and box each kept slice was cut from. A neighbour
+    that was not drawn (past the extent, or the volume's edge) counts as the slice itself, so the
+    ends are not pulled towards nothing; the seed counts as its outline's signed distance, saturated
+    at ``SEED_LOGIT``. A slice that would come out empty keeps its outline. Measured in
+    ``DEFAULT_PROPAGATION``'s notes.
     """
     weight = settings.neighbour_smoothing
-    cuts = taper_cuts(list(drawn), seed_index, settings)
     logits = {index: item[0] for index, item in drawn.items()}
     logits[seed_index] = outline_logits(seed, SEED_LOGIT, settings.shape_prior_px)
     for index, (own, box) in drawn.items():
         below, above = logits.get(index - 1, own), logits.get(index + 1, own)
-        mask = segmenter.postprocess((1.0 - weight) * own + weight * 0.5 * (below + above) - cuts[index], box)
-        if mask.any() or cuts[index] > 0:
+        mask = segmenter.postprocess((1.0 - weight) * own + weight * 0.5 * (below + above), box)
+        if mask.any():
             out[index] = mask
-    for direction in (1, -1):
-        index = seed_index + direction
-        while 0 <= index < len(out) and out[index].any():
-            index += direction
-        if direction > 0:
-            out[index:] = False
-        else:
-            out[: max(index + 1, 0)] = False
 
 
 def _chain(
@@ -1128,17 +1129,20 @@ def _chain(
     drawn: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> np.ndarray:
     """One chain of ``_propagate_step`` from the seed outwards, both ways, until the stopping rule says
-    (or, when ``extent`` is given, until the first slice it marks False). When ``drawn`` is given, the
-    logits and box of each slice kept go into it, by slice index."""
+    (or, when ``extent`` is given, until the first slice it marks False, each outline cut harder
+    towards the extent's ends by ``taper_cuts``). When ``drawn`` is given, the logits and box of each
+    slice kept go into it, by slice index."""
     out = np.zeros(array.shape, bool)
     out[seed_index] = seed
     seed_area = int(seed.sum())
+    cuts = {} if extent is None else taper_cuts(np.nonzero(extent)[0].tolist(), seed_index, settings)
     for direction in (1, -1):
         previous, index = seed, seed_index + direction
         doubtful: list[tuple[np.ndarray, PropagationStep, np.ndarray, np.ndarray]] = []  # only looked unlike
         while 0 <= index < array.shape[0] and (extent is None or extent[index]):
             mask, step, logits, box = _propagate_step(
-                segmenter, array[index], previous, seed_area, likeness, settings, index, classifier
+                segmenter, array[index], previous, seed_area, likeness, settings, index, classifier,
+                cuts.get(index, 0.0),
             )
             if trace is not None:
                 trace.append(step)

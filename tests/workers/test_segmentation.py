@@ -328,7 +328,8 @@ def test_propagation_can_give_the_previous_outline_as_a_mask_prompt(model):
     volume = np.stack([image for image, _, _ in slices])
     seed = slices[1][1]
     segmenter = RecordingSegmenter(model)
-    settings = dataclasses.replace(DEFAULT_PROPAGATION, mask_prompt=8.0, min_likeness=0.0, feature_prior=0.0)
+    settings = dataclasses.replace(DEFAULT_PROPAGATION, mask_prompt=8.0, min_likeness=0.0, feature_prior=0.0,
+                                   taper_cut=0.0)  # one chain: no outline chain after it
     result = propagate(volume, 1, seed, segmenter=segmenter, settings=settings)
     assert len(segmenter.mask_prompts) == 2 and all(m is not None for m in segmenter.mask_prompts)
     frame = segmenter.embed(volume[0]).frame
@@ -369,9 +370,9 @@ def test_propagate_on_a_real_patient(shared_data: Path):
 def test_the_likeness_test_follows_a_tumour_whose_look_drifts_and_forgives_one_dip(shared_data: Path):
     """On STS_023 (tumour on slices 16-59) the seed's mean embeddings alone call the masks "unlike"
     the seed a few slices out (likeness 0.60-0.68 against their 0.7 bar, measured) and stopped
-    propagation on 34-40 (volume Dice 0.42). With the seed classifier's view in the likeness it
-    reaches 31-46 (0.65); with no patience for a slice that dips below the bar it stops sooner
-    (0.62)."""
+    propagation on 34-40 (volume Dice 0.41 with the taper cut, 0.42 without). With the seed
+    classifier's view in the likeness it reaches 31-46 (0.64; 0.65); with no patience for a slice
+    that dips below the bar it stops sooner (31-44, 0.62)."""
     import SimpleITK as sitk
 
     folder = shared_data / "ibsi-sts-t1" / "STS_023"
@@ -448,23 +449,6 @@ def test_taper_cut_rises_from_its_start_to_each_end_of_the_extent():
     assert all(c == 0.0 for c in taper_cuts([9, 11], 10, dataclasses.replace(settings, taper_cut=0.0)).values())
 
 
-def test_taper_cut_shrinks_the_outer_outlines_and_may_end_the_extent_early():
-    shape, box = (64, 64), np.array([10.0, 10.0, 54.0, 54.0], np.float32)
-    seed = disk_logits(shape, 12) > 0
-    radii = {1: 12.0, 2: 12.0, 3: 12.0, 4: 3.0}  # the chain kept the size; slice 4 barely tumour
-    drawn = {z: (disk_logits(shape, r), box) for z, r in radii.items()}
-    out = np.zeros((6, *shape), bool)
-    out[0] = seed
-    for z, (logits, _) in drawn.items():
-        out[z] = logits > 0
-    before = out.copy()
-    settings = dataclasses.replace(DEFAULT_PROPAGATION, neighbour_smoothing=0.0, taper_cut=4.0, taper_from=0.5)
-    recut_outlines(out, drawn, 0, seed, SliceSegmenter(), settings)
-    assert np.array_equal(out[:3], before[:3])  # the seed and the slices up to half way keep their outline
-    assert 0 < out[3].sum() < before[3].sum()  # three quarters of the way out: shrunk
-    assert not out[4].any() and not out[5].any()  # cut away at the end: the extent ends at slice 3
-
-
 @pytest.mark.slow
 def test_smoothing_along_z_helps_on_a_real_patient(shared_data: Path):
     """On STS_019 (15 tumour slices) volume Dice 0.828 without, 0.835 with smoothing
@@ -487,7 +471,7 @@ def test_smoothing_along_z_helps_on_a_real_patient(shared_data: Path):
 
 @pytest.mark.slow
 def test_the_taper_cut_helps_on_a_real_patient(shared_data: Path):
-    """On STS_008 (tumour on slices 3-21 of 28) volume Dice 0.781 without, 0.790 with the taper cut
+    """On STS_008 (tumour on slices 3-21 of 28) volume Dice 0.781 without, 0.791 with the taper cut
     (measured): the outlines near the tumour's ends shrink; the seed and the middle stay."""
     import SimpleITK as sitk
 
@@ -501,8 +485,9 @@ def test_the_taper_cut_helps_on_a_real_patient(shared_data: Path):
     untapered = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter,
                           settings=dataclasses.replace(DEFAULT_PROPAGATION, taper_cut=0.0))
     reached = np.nonzero(untapered.any(axis=(1, 2)))[0]
-    assert not (tapered & ~untapered).any()  # it only ever takes away
     assert np.array_equal(tapered[seed_index], truth[seed_index])
+    middle = slice(seed_index - 2, seed_index + 3)  # well inside 70 % of the way out: no cut
+    assert np.array_equal(tapered[middle], untapered[middle])
     ends = [reached.min(), reached.max()]
     assert tapered[ends].sum() < untapered[ends].sum()
     assert dice(tapered, truth) > dice(untapered, truth) + 0.005
