@@ -775,7 +775,7 @@ re-cut after the chain; applied in the outline chain itself, where the extent is
 the next slice's box shrinks too, and a slice the cut empties ends the tumour there), it gained
 again: on the 12, 0.8237 → 0.8255 (9 better, 3 worse by up to 0.006; ramps 3 from 0.7 and 4 from
 0.6 gave 0.8250 and 0.8252), on the 13, 0.8652 → 0.8681 (10 better, 2 worse by up to 0.007).
-All 25 cut volumes 0.8452 → 0.8476 (median 0.845), full volumes 0.836 → 0.840 (median 0.837); in
+All 25 cut volumes 0.8452 → 0.8476 (median 0.838), full volumes 0.836 → 0.840 (median 0.837); in
 all, 0.8410 → 0.8476 and 0.832 → 0.840 for the taper cut.
 
 With the taper cut in the chain, the seed classifier's weight 1 (``feature_prior``; 0.75 before)
