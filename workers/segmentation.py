@@ -781,7 +781,7 @@ all, 0.8410 → 0.8476 and 0.832 → 0.840 for the taper cut.
 With the taper cut in the chain, the seed classifier's weight 1 (``feature_prior``; 0.75 before)
 no longer loses on STS_013: on the 12, 0.8255 → 0.8273 (8 better, 2 worse by up to 0.006; moving
 the taper's start to 0.8 instead gave 0.8243); on the 13, 0.8681 → 0.8691 (9 better, 3 worse by up
-to 0.007). All 25 cut volumes 0.8476 → 0.8490.
+to 0.007). All 25 cut volumes 0.8476 → 0.8490 (median 0.836), full volumes 0.8396 → 0.8405.
 
 Tried and rejected in the same session (12 patients, cut volumes): the outline chain decoding the
 box with its shrunk boxes (as ``segment`` does) from a 5 px margin, so that the shrink does not
