@@ -1018,10 +1018,10 @@ def propagate(
 
     From the seed outwards in both directions, each slice is prompted with the box of the previous
     slice's result (see ``PropagationSettings`` for the margins and the stopping rule); the seed slice
-    keeps ``seed_mask`` exactly. With ``feature_prior`` on, a second chain guided by a classifier fitted
-    to the seed (``SeedClassifier``) draws the outlines on the slices the first chain reached. With
-    ``neighbour_smoothing`` and ``taper_cut`` on, each outline is finally re-cut from its logits mixed
-    with its neighbours', less a cut that grows towards the ends (``recut_outlines``).
+    keeps ``seed_mask`` exactly. With ``feature_prior`` or ``taper_cut`` on, a second chain draws the
+    outlines on the slices the first chain reached, guided by a classifier fitted to the seed
+    (``SeedClassifier``) and cut harder towards the ends (``taper_cuts``). With ``neighbour_smoothing``
+    on, each outline is finally re-cut from its logits mixed with its neighbours' (``recut_outlines``).
 
     Args:
         volume: ``[z, y, x]`` array, any numeric dtype (each slice is scaled on its own).
@@ -1058,16 +1058,17 @@ def propagate(
     likeness = None
     if settings.min_likeness > 0:
         likeness = SeedLikeness(seed_embedded, seed, settings.ring_px, classifier, settings.likeness_classifier_weight)
+    outline_chain = bool(settings.feature_prior or settings.taper_cut)
     drawn: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    out = _chain(segmenter, array, seed_index, seed, likeness, settings, None, trace, drawn=drawn)
-    if settings.feature_prior or settings.taper_cut:
+    out = _chain(segmenter, array, seed_index, seed, likeness, settings, None, trace,
+                 drawn=None if outline_chain else drawn)
+    if outline_chain:
         # The outlines come from a second chain over the extent the first one found. The classifier's
         # outlines are better, but a chain it guides no longer knows where the tumour ends (its masks
         # look like the tumour by construction); and only a known extent says how far out each slice
         # lies, for the taper cut. The second chain never goes past the extent (no encoder or decoder
         # work on slices left empty); where it stops sooner, the tumour ends there.
         extent = out.any(axis=(1, 2))
-        drawn = {}
         out = _chain(segmenter, array, seed_index, seed, likeness, settings,
                      classifier if settings.feature_prior else None, None, extent, drawn=drawn)
     if settings.neighbour_smoothing > 0:
