@@ -293,8 +293,9 @@ def propagate_annotation(project_id: int, task_id: int, case_id: str, modality: 
     """
     start = time.perf_counter()
     from core.ls_client import call
-    from workers.segmentation import propagate
+    from workers.segmentation import propagate, propagation_settings_from_env
 
+    settings = propagation_settings_from_env()  # before any work: a bad $STS_MIRROR_VIEW fails at once
     volume = read_volume(_case(data_dir, case_id), modality)
     depth = volume.shape[0]
     if not 0 <= slice_index < depth:
@@ -310,7 +311,7 @@ def propagate_annotation(project_id: int, task_id: int, case_id: str, modality: 
     if not seed.any() or first == last:
         counts["elapsed_ms"] = _elapsed_ms(start)
         return counts
-    masks = np.asarray(propagate(volume[first:last + 1], slice_index - first, seed), dtype=bool)
+    masks = np.asarray(propagate(volume[first:last + 1], slice_index - first, seed, settings=settings), dtype=bool)
 
     tasks = case_tasks(client, project_id, case_id, modality)  # fresh: someone may have annotated meanwhile
     for z in range(first, last + 1):
@@ -426,18 +427,33 @@ def _warm(volume: np.ndarray, case_id: str, modality: str, data_dir: str | Path 
     """Embed ``volume``'s uncached slices; inside an RQ job, make way for other jobs and enqueue the rest.
 
     Slices go through the encoder one at a time on CPU (one slice is the longest an annotator waits
-    behind this job) and 16 at a time on a GPU. When a job waits on the interactive or pre-annotation
-    queue (an annotator, a propagation), or half the job's time limit has passed, the rest is
-    enqueued as a new ``warm_embeddings`` job at the back of the pre-annotation queue.
+    behind this job) and 16 at a time on a GPU. The slices as they are come first (a click needs
+    them), then, when propagation uses it (``$STS_MIRROR_VIEW``), each slice mirrored left-right.
+    When a job waits on the interactive or pre-annotation queue (an annotator, a propagation), or
+    half the job's time limit has passed, the rest is enqueued as a new ``warm_embeddings`` job at
+    the back of the pre-annotation queue.
     """
     from rq import get_current_job
 
-    from workers.segmentation import DiskEmbeddingCache, default_segmenter, embedding_cache_budget_bytes
+    from workers.segmentation import (
+        DiskEmbeddingCache,
+        default_segmenter,
+        embedding_cache_budget_bytes,
+        mirrored_slice,
+        propagation_settings_from_env,
+    )
 
     segmenter = default_segmenter()
     batch = 16 if segmenter.model.device.type == "cuda" else 1
     order = middle_out(len(volume), centre)
-    pending = [z for z in order if segmenter.prepare(volume[z])[3] not in segmenter.cache]
+    views = [(z, False) for z in order]
+    if propagation_settings_from_env().mirror_weight:
+        views += [(z, True) for z in order]
+
+    def view(z: int, mirrored: bool) -> np.ndarray:
+        return mirrored_slice(volume[z]) if mirrored else volume[z]
+
+    pending = [v for v in views if segmenter.prepare(view(*v))[3] not in segmenter.cache]
     in_job = get_current_job() is not None
     deadline = time.monotonic() + DEFAULT_PREANNOTATE_TIMEOUT_S / 2
     done, yielded = 0, False
@@ -452,12 +468,13 @@ def _warm(volume: np.ndarray, case_id: str, modality: str, data_dir: str | Path 
             yielded = True
             break
         chunk, pending = pending[:batch], pending[batch:]
-        segmenter.embed_many([volume[z] for z in chunk], batch_size=batch)
+        segmenter.embed_many([view(*v) for v in chunk], batch_size=batch)
         done += len(chunk)
     pruned = 0
     if isinstance(segmenter.cache, DiskEmbeddingCache) and done:
         pruned = segmenter.cache.prune(embedding_cache_budget_bytes())
-    return {"slices": len(volume), "embedded": done, "left": len(pending), "yielded": yielded, "pruned": pruned,
+    return {"slices": len(volume), "views": 2 if views[-1][1] else 1, "embedded": done, "left": len(pending),
+            "yielded": yielded, "pruned": pruned,
             "shared": isinstance(segmenter.cache, DiskEmbeddingCache)}
 
 
@@ -474,7 +491,8 @@ def warm_embeddings(case_id: str, modality: str, data_dir: str | Path | None = N
         centre: the slice to start from (then outwards); default the middle one.
 
     Returns:
-        ``{"slices", "embedded", "left", "yielded", "pruned", "shared", "elapsed_ms"}``.
+        ``{"slices", "views", "embedded", "left", "yielded", "pruned", "shared", "elapsed_ms"}``:
+        ``views`` is 2 when mirrored slices are warmed too; ``embedded`` and ``left`` count views.
     """
     start = time.perf_counter()
     volume = read_volume(_case(data_dir, case_id), modality)

@@ -25,7 +25,7 @@ import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,11 @@ too small, STS_013 0.906 → 0.854), which keeps a single box."""
 DEFAULT_BOX_THRESHOLD = -1.0
 """Logit at which the shrunk-box average is cut (see ``DEFAULT_BOX_SHRINKS_PX``); a box decoded
 alone is cut at 0 (probability 0.5), as the model was trained."""
+
+MIRROR_VIEW_ENV = "STS_MIRROR_VIEW"
+"""0/false/off: propagation decodes each slice as it is, without its mirrored view
+(``PropagationSettings.mirror_weight``), and the workers warm no mirrored embeddings: half the
+encoder time on a CPU-only site, for about 0.0015 of mean volume Dice (``propagation_settings_from_env``)."""
 
 BOX_SHRINKS_ENV = "STS_BOX_SHRINKS"
 """Comma-separated px overriding ``DEFAULT_BOX_SHRINKS_PX`` in the workers (``box_shrinks_from_env``);
@@ -486,6 +491,24 @@ class SliceSegmenter:
             image_logits = frame.logits_to_image(logits)
         return image_logits.cpu().numpy(), iou.cpu().numpy()
 
+    def decode_mirrored(self, image: Any, boxes: np.ndarray, mask_logits: np.ndarray | None = None) -> np.ndarray:
+        """Logits ``[N, 1, height, width]`` of ``boxes`` decoded on ``image`` mirrored left-right, mirrored
+        back onto ``image``'s grid: a second view of the slice for test-time augmentation.
+
+        The mirrored slice has its own embedding (cached under its own key). Limbs are imaged on
+        either side, so a mirrored slice is one the model has seen the like of; up-down flips would
+        show anatomy no annotator sees. ``mask_logits`` (model frame, as in ``decode``) are mirrored
+        with their slice.
+        """
+        array = as_slice(image)
+        embedded = self.embed(mirrored_slice(array))
+        if mask_logits is not None:
+            width = embedded.frame.resized_width  # the padding stays at the right
+            mask_logits = np.array(mask_logits, np.float32)
+            mask_logits[..., :width] = mask_logits[..., :width][..., ::-1]
+        logits, _ = self.decode(embedded, boxes=mirror_boxes(boxes, array.shape[1]), mask_logits=mask_logits)
+        return np.ascontiguousarray(logits[..., ::-1])
+
     def box_mask(self, average_logits: np.ndarray, box: np.ndarray) -> np.ndarray:
         """The mask of a box prompt from the logits averaged over the box and its shrunk boxes: cut at
         ``box_cut``, then ``postprocess`` (what ``segment`` and ``segment_many`` both return)."""
@@ -569,6 +592,21 @@ class SliceSegmenter:
                 image_logits = item.frame.logits_to_image(item_logits[None])[0, 0].cpu().numpy()
                 masks.append(self.box_mask(image_logits, box))
         return masks
+
+
+def mirrored_slice(image: Any) -> np.ndarray:
+    """``image`` mirrored left-right, as ``SliceSegmenter.decode_mirrored`` embeds it (so that a
+    warm-up that embeds it ahead fills the same cache entry)."""
+    return np.ascontiguousarray(as_slice(image)[:, ::-1])
+
+
+def mirror_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
+    """``[N, 4]`` boxes ``(x0, y0, x1, y1)`` (pixel centres, as ``check_box`` gives them) of a slice
+    ``width`` pixels wide, placed on the same slice mirrored left-right (float32)."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    out = boxes.copy()
+    out[:, [0, 2]] = (width - 1) - boxes[:, [2, 0]]
+    return out
 
 
 def shrunk_boxes(box: np.ndarray, shrinks_px: Sequence[float], min_side_px: float = 4.0) -> np.ndarray:
@@ -662,6 +700,11 @@ class PropagationSettings:
             away from the muscle and fat it leaks into. The classifier also makes every mask look
             like the tumour, which blinds the likeness test, so the extent (which slices) comes from a
             chain without it and the outlines from a chain with it. 0 turns it off.
+        mirror_weight: weight of the logits decoded on the slice mirrored left-right
+            (``SliceSegmenter.decode_mirrored``) in each slice's logits, the rest being the slice's
+            own. The image encoder is not mirror-invariant, so the mirrored slice is a second view whose
+            errors partly cancel the first's (test-time augmentation). It costs a second image-encoder
+            pass per slice (cached like the first). 0 turns it off.
     """
 
     box_margin_px: float = 3.0
@@ -682,6 +725,7 @@ class PropagationSettings:
     mask_prompt: float = 0.0
     likeness_patience: int = 1
     feature_prior: float = 1.0
+    mirror_weight: float = 0.5
 
 
 DEFAULT_PROPAGATION = PropagationSettings()
@@ -795,7 +839,18 @@ cells outside it, added to the logits (on the 12, (a) 0.868 → 0.862 and (b) 0.
 weight 0.25). With the taper cut (on the 12, against 0.8237 before it moved into the chain): two
 slices of likeness patience (0.8162) or a likeness cut at 0.5 (0.8205), now that reaching further
 costs less; ``max_shift_px`` 8 (0.8235); a 4 px box margin (0.8144); smoothing weight 0.8 (0.8242,
-within noise)."""
+within noise).
+
+The mirrored view (``mirror_weight`` 0.5: each slice's logits averaged with those decoded on the
+slice mirrored left-right, in both chains): on the first 12 patients (cut volumes) 0.8273 → 0.8289
+(8 better, 4 worse: STS_021 by 0.030, STS_001 by 0.015; STS_006 gained 0.035), on the other 13
+0.8691 → 0.8703 (6 better, 5 worse by up to 0.009). All 25 cut volumes 0.8490 → 0.8505 (median
+0.836 → 0.841); full volumes: see the README. A small gain for a second image-encoder pass per slice;
+``$STS_MIRROR_VIEW=0`` turns it off in the workers. Rejected in the same session, on the 12 against
+0.8274 (cut volumes): a box margin of 5 or 7 px in the model's frame (0.8238, 0.8127); the seed
+classifier at 1.25 (0.8302 on the 12, but 0.8690 → 0.8682 on the 13, 7 worse), 1.5 (0.8279) or 2
+(0.8269); smoothing 0.8 (0.8275); shape prior 3 (0.8265); taper cut 5 (0.8270); ``max_shift_px`` 4
+(0.8275); a likeness cut at 0.5 (0.8248); two slices of likeness patience (0.8200)."""
 
 
 @dataclass
@@ -978,6 +1033,9 @@ def _propagate_step(
         mask_logits = mask_prompt_logits(embedded.frame.mask_to_model(previous), settings.mask_prompt)[None]
     logits, iou = segmenter.decode(embedded, boxes=box[None], mask_logits=mask_logits)
     logit = logits[0, 0]
+    if settings.mirror_weight:
+        mirrored = segmenter.decode_mirrored(image, box[None], mask_logits=mask_logits)[0, 0]
+        logit = (1.0 - settings.mirror_weight) * logit + settings.mirror_weight * mirrored
     if settings.shape_prior:
         logit = logit + outline_logits(previous, settings.shape_prior, settings.shape_prior_px)
     judged = None  # what the likeness test sees: the model's own outline, without the classifier's pull
@@ -1225,6 +1283,20 @@ def box_shrinks_from_env() -> tuple[float, ...]:
     """
     raw = os.environ.get(BOX_SHRINKS_ENV)
     return DEFAULT_BOX_SHRINKS_PX if raw is None else parse_box_shrinks(raw, f"${BOX_SHRINKS_ENV}")
+
+
+def propagation_settings_from_env() -> PropagationSettings:
+    """``DEFAULT_PROPAGATION``, without the mirrored view when ``$STS_MIRROR_VIEW`` is 0/false/no/off.
+
+    Raises:
+        ConfigError: the variable is set to something else than 1/true/yes/on or 0/false/no/off.
+    """
+    raw = os.environ.get(MIRROR_VIEW_ENV, "").strip().lower()
+    if raw in {"0", "false", "no", "off"}:
+        return replace(DEFAULT_PROPAGATION, mirror_weight=0.0)
+    if raw not in {"", "1", "true", "yes", "on"}:
+        raise ConfigError(f"${MIRROR_VIEW_ENV}={raw!r}: expected 1/true/yes/on or 0/false/no/off")
+    return DEFAULT_PROPAGATION
 
 
 def embedding_cache_budget_bytes() -> int:

@@ -186,11 +186,12 @@ def test_propagation_writes_neighbours_without_human_annotations(case, monkeypat
     data_dir, truth = case
     calls = []
 
-    def propagate(volume, seed_index, seed):
-        calls.append((volume.shape, seed_index, int(seed.sum())))
+    def propagate(volume, seed_index, seed, settings):
+        calls.append((volume.shape, seed_index, int(seed.sum()), settings.mirror_weight))
         return truth[9:16].copy()
 
     monkeypatch.setattr(workers.segmentation, "propagate", propagate, raising=False)
+    monkeypatch.setenv("STS_MIRROR_VIEW", "0")  # the worker's setting reaches propagation
     old = {"id": 900, "model_version": PROPAGATED_PREFIX + "old", "result": []}
     imported = {"id": 901, "model_version": "imported-GTV", "result": []}
     tasks = [ls_task(z, annotated=z in (8, 16), predictions=[old] if z == 10 else [imported] if z == 15 else None)
@@ -199,7 +200,7 @@ def test_propagation_writes_neighbours_without_human_annotations(case, monkeypat
     client = FakeLabelStudio([tasks])
     out = propagate_annotation(3, 113, CASE, "T2", SEED, [seed_brush], annotation_id=5, data_dir=data_dir,
                                client=client)
-    assert calls == [((7, *truth.shape[1:]), SEED - 9, int(truth[SEED].sum()))]  # slices 9..15 only
+    assert calls == [((7, *truth.shape[1:]), SEED - 9, int(truth[SEED].sum()), 0.0)]  # slices 9..15 only
     assert out["range"] == [9, 15] and out["written"] == 6 and out["deleted"] == 1
     assert out["model_version"].startswith(PROPAGATED_PREFIX + "litemedsam")
     created = [e[1] for e in client.log if e[0] == "create"]
@@ -212,7 +213,7 @@ def test_propagation_writes_neighbours_without_human_annotations(case, monkeypat
 
 def test_a_slice_annotated_during_propagation_is_left_alone(case, monkeypatch) -> None:
     data_dir, truth = case
-    monkeypatch.setattr(workers.segmentation, "propagate", lambda volume, seed_index, seed: truth.copy(),
+    monkeypatch.setattr(workers.segmentation, "propagate", lambda volume, seed_index, seed, settings: truth.copy(),
                         raising=False)
     before = [ls_task(z) for z in range(truth.shape[0])]
     after = [ls_task(z, annotated=z == 12) for z in range(truth.shape[0])]
@@ -251,7 +252,7 @@ def test_warming_makes_way_for_annotators_and_serves_another_worker(case, redis_
     first.refresh()
     result = first.return_value()
     assert first.is_finished and result["yielded"] and result["embedded"] == 1 and result["shared"]
-    assert result["left"] == truth.shape[0] - 1
+    assert result["views"] == 2 and result["left"] == 2 * truth.shape[0] - 1  # each slice, then each mirrored
     assert preannotate.count == 1  # the third part waits behind the annotator
     rest = preannotate.jobs[0]
     assert rest.func_name == WARM_EMBEDDINGS_JOB and rest.kwargs["centre"] == SEED  # same order: SEED - 1 next
