@@ -844,13 +844,14 @@ within noise).
 The mirrored view (``mirror_weight`` 0.5: each slice's logits averaged with those decoded on the
 slice mirrored left-right, in both chains): on the first 12 patients (cut volumes) 0.8273 → 0.8289
 (8 better, 4 worse: STS_021 by 0.030, STS_001 by 0.015; STS_006 gained 0.035), on the other 13
-0.8691 → 0.8703 (6 better, 5 worse by up to 0.009). All 25 cut volumes 0.8490 → 0.8505 (median
-0.836 → 0.841); full volumes: see the README. A small gain for a second image-encoder pass per slice;
-``$STS_MIRROR_VIEW=0`` turns it off in the workers. Rejected in the same session, on the 12 against
-0.8274 (cut volumes): a box margin of 5 or 7 px in the model's frame (0.8238, 0.8127); the seed
-classifier at 1.25 (0.8302 on the 12, but 0.8690 → 0.8682 on the 13, 7 worse), 1.5 (0.8279) or 2
-(0.8269); smoothing 0.8 (0.8275); shape prior 3 (0.8265); taper cut 5 (0.8270); ``max_shift_px`` 4
-(0.8275); a likeness cut at 0.5 (0.8248); two slices of likeness patience (0.8200)."""
+0.8691 → 0.8703 (6 better, 5 worse by up to 0.009). All 25 cut volumes 0.8490 → 0.8505 (median 0.836
+→ 0.841), full volumes 0.8405 → 0.8430 (median 0.836 → 0.835). A small gain for a second
+image-encoder pass per slice; ``$STS_MIRROR_VIEW=0`` turns it off in the workers. Rejected in the
+same session, on the 12 against 0.8274 (cut volumes): a box margin of 5 or 7 px in the model's frame
+(0.8238, 0.8127); the seed classifier at 1.25 (0.8302 on the 12, but 0.8690 → 0.8682 on the 13, 7
+worse), 1.5 (0.8279) or 2 (0.8269); smoothing 0.8 (0.8275); shape prior 3 (0.8265); taper cut 5
+(0.8270); ``max_shift_px`` 4 (0.8275); a likeness cut at 0.5 (0.8248); two slices of likeness
+patience (0.8200)."""
 
 
 @dataclass

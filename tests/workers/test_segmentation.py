@@ -29,6 +29,7 @@ from workers.segmentation import (
     DEFAULT_BOX_SHRINKS_PX,
     DEFAULT_BOX_THRESHOLD,
     DEFAULT_PROPAGATION,
+    EmbeddingCache,
     NoAutomaticModelError,
     SeedClassifier,
     SeedLikeness,
@@ -85,16 +86,23 @@ def ibsi_patient(shared_data: Path, name: str) -> tuple[np.ndarray, np.ndarray, 
     return volume, truth, int(np.argmax(truth.reshape(len(truth), -1).sum(1)))
 
 
-def propagate_with_and_without(shared_data: Path, name: str, **changes: float):
+def propagate_with_and_without(shared_data: Path, cache: EmbeddingCache, name: str, **changes: float):
     """``(truth, seed_index, default, changed)``: an IBSI patient propagated from its largest slice
-    with ``DEFAULT_PROPAGATION`` and with ``changes`` to it (one segmenter, so the second run reuses
-    the first's embeddings)."""
+    with ``DEFAULT_PROPAGATION`` and with ``changes`` to it (the second run reuses the first's
+    embeddings from ``cache``)."""
     volume, truth, seed_index = ibsi_patient(shared_data, name)
-    segmenter = SliceSegmenter()
+    segmenter = SliceSegmenter(cache=cache)
     default = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter)
     changed = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter,
                         settings=dataclasses.replace(DEFAULT_PROPAGATION, **changes))
     return truth, seed_index, default, changed
+
+
+@pytest.fixture(scope="module")
+def ibsi_cache() -> EmbeddingCache:
+    """One embedding cache for the real-patient tests, so that a patient's slices go through the
+    image encoder once per module, not once per test (about 1 s per slice and view on CPU)."""
+    return EmbeddingCache(1024)
 
 
 @pytest.fixture(scope="module")
@@ -340,12 +348,12 @@ def test_workers_take_the_mirrored_view_from_the_environment(monkeypatch):
 
 
 @pytest.mark.slow
-def test_shrunk_boxes_pull_a_loose_box_onto_a_real_tumour(shared_data: Path):
+def test_shrunk_boxes_pull_a_loose_box_onto_a_real_tumour(shared_data: Path, ibsi_cache: EmbeddingCache):
     """STS_019, every tumour slice, box = mask box + 10 px: LiteMedSAM spills into the margin; the
     averaged shrunk boxes pull it back (mean Dice 0.60 alone, 0.69 with 2,4 px cut at 0, 0.71 with the
     default 2,4,6 px cut at -1; measured)."""
     volume, truth, _ = ibsi_patient(shared_data, PROPAGATION_PATIENT)
-    alone, averaged = SliceSegmenter(box_shrinks=()), SliceSegmenter()
+    alone, averaged = SliceSegmenter(box_shrinks=(), cache=ibsi_cache), SliceSegmenter(cache=ibsi_cache)
     scores: dict[str, list[float]] = {"alone": [], "averaged": []}
     for z in np.nonzero(truth.reshape(len(truth), -1).sum(1) >= 20)[0]:
         ys, xs = np.nonzero(truth[z])
@@ -406,9 +414,9 @@ def test_propagation_can_give_the_previous_outline_as_a_mask_prompt(model):
 
 
 @pytest.mark.slow
-def test_propagate_on_a_real_patient(shared_data: Path):
+def test_propagate_on_a_real_patient(shared_data: Path, ibsi_cache: EmbeddingCache):
     volume, truth, seed_index = ibsi_patient(shared_data, PROPAGATION_PATIENT)
-    segmenter = SliceSegmenter()
+    segmenter = SliceSegmenter(cache=ibsi_cache)
     trace: list = []
     result = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter, trace=trace)
     assert result.shape == volume.shape and result.dtype == bool
@@ -424,7 +432,9 @@ def test_propagate_on_a_real_patient(shared_data: Path):
 
 
 @pytest.mark.slow
-def test_the_likeness_test_follows_a_tumour_whose_look_drifts_and_forgives_one_dip(shared_data: Path):
+def test_the_likeness_test_follows_a_tumour_whose_look_drifts_and_forgives_one_dip(
+    shared_data: Path, ibsi_cache: EmbeddingCache
+):
     """On STS_023 (tumour on slices 16-59) the seed's mean embeddings alone call the masks "unlike"
     the seed a few slices out (likeness 0.60-0.68 against their 0.7 bar, measured) and stopped
     propagation on 34-40 (volume Dice 0.42). With the seed classifier's view in the likeness it
@@ -432,7 +442,7 @@ def test_the_likeness_test_follows_a_tumour_whose_look_drifts_and_forgives_one_d
     (31-44, 0.63). Those figures are for one view of each slice; the mirrored view (not used here)
     steadies the masks, and the mean embeddings alone then reach 17 slices, the default 20."""
     volume, truth, seed_index = ibsi_patient(shared_data, "STS_023")
-    segmenter = SliceSegmenter()
+    segmenter = SliceSegmenter(cache=ibsi_cache)
     one_view = dataclasses.replace(DEFAULT_PROPAGATION, mirror_weight=0.0)
     trace: list = []
     result = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter, trace=trace, settings=one_view)
@@ -504,12 +514,12 @@ def test_taper_cut_rises_from_its_start_to_each_end_of_the_extent():
 
 
 @pytest.mark.slow
-def test_smoothing_along_z_helps_on_a_real_patient(shared_data: Path):
+def test_smoothing_along_z_helps_on_a_real_patient(shared_data: Path, ibsi_cache: EmbeddingCache):
     """On STS_019 (15 tumour slices) volume Dice 0.822 without, 0.828 with smoothing
     (measured); the extent is the chain's either way."""
     volume, truth, seed_index = ibsi_patient(shared_data, PROPAGATION_PATIENT)
-    segmenter = SliceSegmenter()
-    no_taper = dataclasses.replace(DEFAULT_PROPAGATION, taper_cut=0.0)  # smoothing alone
+    segmenter = SliceSegmenter(cache=ibsi_cache)
+    no_taper = dataclasses.replace(DEFAULT_PROPAGATION, taper_cut=0.0, mirror_weight=0.0)  # smoothing alone
     smoothed = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter, settings=no_taper)
     plain = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter,
                       settings=dataclasses.replace(no_taper, neighbour_smoothing=0.0))
@@ -519,11 +529,13 @@ def test_smoothing_along_z_helps_on_a_real_patient(shared_data: Path):
 
 
 @pytest.mark.slow
-def test_the_taper_cut_helps_on_a_real_patient(shared_data: Path):
+def test_the_taper_cut_helps_on_a_real_patient(shared_data: Path, ibsi_cache: EmbeddingCache):
     """On STS_008 (tumour on slices 3-21 of 28) volume Dice 0.785 without, 0.795 with the taper cut
-    (measured): the outlines near the tumour's ends shrink; the seed and the middle stay."""
+    (measured with one view of each slice, before the mirrored view): the outlines near the tumour's
+    ends shrink; the seed and the middle stay."""
     assert DEFAULT_PROPAGATION.taper_cut > 0
-    truth, seed_index, tapered, untapered = propagate_with_and_without(shared_data, "STS_008", taper_cut=0.0)
+    truth, seed_index, tapered, untapered = propagate_with_and_without(
+        shared_data, ibsi_cache, "STS_008", taper_cut=0.0)
     reached = np.nonzero(untapered.any(axis=(1, 2)))[0]
     assert np.array_equal(tapered[seed_index], truth[seed_index])
     middle = slice(seed_index - 2, seed_index + 3)  # well inside 70 % of the way out: no cut
@@ -534,11 +546,11 @@ def test_the_taper_cut_helps_on_a_real_patient(shared_data: Path):
 
 
 @pytest.mark.slow
-def test_the_mirrored_view_helps_on_a_real_patient(shared_data: Path):
+def test_the_mirrored_view_helps_on_a_real_patient(shared_data: Path, ibsi_cache: EmbeddingCache):
     """On STS_006 volume Dice 0.836 without, 0.871 with the mirrored view averaged in
     (measured): the two views' errors partly cancel. The seed stays the annotator's."""
     assert DEFAULT_PROPAGATION.mirror_weight > 0
-    truth, seed_index, both, own = propagate_with_and_without(shared_data, "STS_006", mirror_weight=0.0)
+    truth, seed_index, both, own = propagate_with_and_without(shared_data, ibsi_cache, "STS_006", mirror_weight=0.0)
     print(f"STS_006 volume Dice: own view {dice(own, truth):.3f}, with the mirrored view {dice(both, truth):.3f}")
     assert np.array_equal(both[seed_index], truth[seed_index])
     assert dice(both, truth) > dice(own, truth) + 0.01
@@ -599,14 +611,15 @@ def test_seed_classifier_marks_the_seed_tumour_on_the_next_slice(model):
 
 
 @pytest.mark.slow
-def test_feature_prior_tightens_propagation_on_a_real_patient(shared_data: Path):
+def test_feature_prior_tightens_propagation_on_a_real_patient(shared_data: Path, ibsi_cache: EmbeddingCache):
     """The seed classifier's pull on the outlines: on STS_050 volume Dice 0.806 without, 0.861 with
     at the default weight (measured; at 0.5 it helped 21 of the 25 IBSI patients, by 0.015 on average
     on the first 12). Both chains stop at the same slices: the likeness test, which uses the classifier
     too, sets the extent."""
     volume, truth, seed_index = ibsi_patient(shared_data, "STS_050")
-    segmenter = SliceSegmenter()
-    no_taper = dataclasses.replace(DEFAULT_PROPAGATION, taper_cut=0.0)  # it may end either extent a slice early
+    segmenter = SliceSegmenter(cache=ibsi_cache)
+    # No taper: it may end either extent a slice early; one view, as the figures were measured.
+    no_taper = dataclasses.replace(DEFAULT_PROPAGATION, taper_cut=0.0, mirror_weight=0.0)
     plain = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter,
                       settings=dataclasses.replace(no_taper, feature_prior=0.0))
     guided = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter, settings=no_taper)
