@@ -89,7 +89,8 @@ alone is cut at 0 (probability 0.5), as the model was trained."""
 MIRROR_VIEW_ENV = "STS_MIRROR_VIEW"
 """0/false/off: propagation decodes each slice as it is, without its mirrored view
 (``PropagationSettings.mirror_weight``), and the workers warm no mirrored embeddings: half the
-encoder time on a CPU-only site, for about 0.0015 of mean volume Dice (``propagation_settings_from_env``)."""
+encoder time on a CPU-only site, for 0.0015-0.0025 of mean volume Dice (see ``DEFAULT_PROPAGATION``;
+read by ``propagation_settings_from_env``)."""
 
 BOX_SHRINKS_ENV = "STS_BOX_SHRINKS"
 """Comma-separated px overriding ``DEFAULT_BOX_SHRINKS_PX`` in the workers (``box_shrinks_from_env``);
