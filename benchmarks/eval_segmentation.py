@@ -38,6 +38,7 @@ them. Usage::
 
     .venv/bin/python benchmarks/eval_segmentation.py [--patients N] [--parts abcde]
     .venv/bin/python benchmarks/eval_segmentation.py --parts d --crop --no-naive --set shape_prior=0   # no prior
+    .venv/bin/python benchmarks/eval_segmentation.py --parts abc --mirror 0.5   # prompts with the mirrored view
 """
 
 from __future__ import annotations
@@ -266,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: the workers' DEFAULT_BOX_SHRINKS_PX; '' for the box alone)")
     parser.add_argument("--box-threshold", type=float, default=None, metavar="LOGIT",
                         help="(a)-(c): where the shrunk-box average is cut (default: DEFAULT_BOX_THRESHOLD)")
+    parser.add_argument("--mirror", type=float, default=None, metavar="WEIGHT",
+                        help="(a)-(c): weight of the mirrored slice's logits in each prompt's (0: the slice alone; "
+                             "default: as the workers on this device, $STS_MIRROR_PROMPTS or on with a GPU)")
     parser.add_argument("--crop", action="store_true",
                         help="only the tumour's slices ± 3, as finetune_cv.py (and its embedding cache) uses them")
     args = parser.parse_args(argv)
@@ -280,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         DiskEmbeddingCache,
         SliceSegmenter,
         parse_box_shrinks,
+        prompt_mirror_weight_from_env,
     )
 
     torch.set_num_threads(2)
@@ -305,9 +310,15 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             parser.error(str(exc))
     threshold = DEFAULT_BOX_THRESHOLD if args.box_threshold is None else args.box_threshold
-    segmenter = SliceSegmenter(model=model, cache=cache, box_shrinks=shrinks, box_threshold=threshold)
+    try:
+        mirror = (prompt_mirror_weight_from_env(gpu=model.device.type == "cuda") if args.mirror is None
+                  else args.mirror)
+        segmenter = SliceSegmenter(model=model, cache=cache, box_shrinks=shrinks, box_threshold=threshold,
+                                   mirror_weight=mirror)
+    except ConfigError as exc:
+        parser.error(str(exc))
     print(f"box prompts averaged with the box shrunk by {shrinks or 'nothing'} px, cut at logit "
-          f"{segmenter.box_cut:g}", flush=True)
+          f"{segmenter.box_cut:g}; mirrored view weight {segmenter.mirror_weight:g}", flush=True)
     if args.crop:
         from finetune_cv import load_patients
 

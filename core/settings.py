@@ -67,3 +67,24 @@ class Settings:
             raise ConfigError("LABEL_STUDIO_API_KEY is not set: the Label Studio API token used to create "
                               "tasks (Account & Settings > Access Token), or pass --no-upload")
         return self.label_studio_api_key
+
+
+FLAG_ON = ("1", "true", "yes", "on")
+FLAG_OFF = ("0", "false", "no", "off")
+
+
+def env_flag(name: str, default: bool = True, environ: Mapping[str, str] | None = None) -> bool:
+    """An on/off switch from the environment (unset or empty: ``default``), so that every ``STS_*``
+    switch reads the same words and a typo fails loudly instead of meaning "on".
+
+    Raises:
+        ConfigError: the value is none of 1/true/yes/on or 0/false/no/off (any case).
+    """
+    raw = (os.environ if environ is None else environ).get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in FLAG_ON:
+        return True
+    if raw in FLAG_OFF:
+        return False
+    raise ConfigError(f"${name}={raw!r}: expected one of {'/'.join(FLAG_ON)} or {'/'.join(FLAG_OFF)}")

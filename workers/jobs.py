@@ -30,7 +30,6 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -52,7 +51,7 @@ from core.queues import (
     WARM_EMBEDDINGS_JOB,
 )
 from core.redis_store import DEFAULT_NO_MODEL_TTL_S, STATUS_DONE, STATUS_NO_MODEL, PreannotationStore
-from core.settings import Settings
+from core.settings import Settings, env_flag
 
 log = logging.getLogger(__name__)
 
@@ -411,7 +410,8 @@ WARM_ENV = "STS_WARM_EMBEDDINGS"
 
 
 def warming_enabled() -> bool:
-    return os.environ.get(WARM_ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
+    """``$STS_WARM_EMBEDDINGS`` (default on; a value that is not an on/off word is a ``ConfigError``)."""
+    return env_flag(WARM_ENV)
 
 
 def _others_waiting(connection: redis.Redis | None) -> bool:
@@ -428,7 +428,8 @@ def _warm(volume: np.ndarray, case_id: str, modality: str, data_dir: str | Path 
 
     Slices go through the encoder one at a time on CPU (one slice is the longest an annotator waits
     behind this job) and 16 at a time on a GPU. The slices as they are come first (a click needs
-    them), then, when propagation uses it (``$STS_MIRROR_VIEW``), each slice mirrored left-right.
+    them), then, when propagation or the prompts use it (``$STS_MIRROR_VIEW``, ``$STS_MIRROR_PROMPTS``),
+    each slice mirrored left-right.
     When a job waits on the interactive or pre-annotation queue (an annotator, a propagation), or
     half the job's time limit has passed, the rest is enqueued as a new ``warm_embeddings`` job at
     the back of the pre-annotation queue.
@@ -447,7 +448,7 @@ def _warm(volume: np.ndarray, case_id: str, modality: str, data_dir: str | Path 
     batch = 16 if segmenter.model.device.type == "cuda" else 1
     order = middle_out(len(volume), centre)
     views = [(z, False) for z in order]
-    if propagation_settings_from_env().mirror_weight:
+    if propagation_settings_from_env().mirror_weight or segmenter.mirror_weight:  # propagation or prompts
         views += [(z, True) for z in order]
 
     def view(z: int, mirrored: bool) -> np.ndarray:

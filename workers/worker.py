@@ -79,6 +79,16 @@ def warm_model() -> dict[str, Any]:
             "warm_s": round(time.perf_counter() - start, 2)}
 
 
+def worker_switches() -> dict[str, bool]:
+    """The ``STS_*`` on/off switches the jobs will read, read once at start so that a typo stops the
+    worker with a ``ConfigError`` naming the variable instead of failing every job later."""
+    from workers.jobs import warming_enabled
+    from workers.segmentation import prompt_mirror_weight_from_env, propagation_settings_from_env
+
+    return {"mirror_view": propagation_settings_from_env().mirror_weight > 0,
+            "mirror_prompts": prompt_mirror_weight_from_env() > 0, "warm_embeddings": warming_enabled()}
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -219,9 +229,10 @@ def run_worker(connection: redis.Redis, queue_names: Sequence[str], *, name: str
     """
     from rq import SimpleWorker
 
+    switches = worker_switches()
     device = detect_device()
     name = name or worker_name(device)
-    info: dict[str, Any] = {"device": device, "host": socket.gethostname(), "pid": os.getpid(),
+    info: dict[str, Any] = {**switches, "device": device, "host": socket.gethostname(), "pid": os.getpid(),
                             "queues": ",".join(queue_names), "started_at": datetime.now(UTC).isoformat()}
     reaped = reap_dead_local_workers(connection)
     if reaped:

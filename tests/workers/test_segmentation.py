@@ -28,6 +28,7 @@ from workers.models.litemedsam import (
 from workers.segmentation import (
     DEFAULT_BOX_SHRINKS_PX,
     DEFAULT_BOX_THRESHOLD,
+    DEFAULT_PROMPT_MIRROR_WEIGHT,
     DEFAULT_PROPAGATION,
     EmbeddingCache,
     NoAutomaticModelError,
@@ -38,6 +39,7 @@ from workers.segmentation import (
     fit_logistic,
     mirror_boxes,
     parse_box_shrinks,
+    prompt_mirror_weight_from_env,
     propagate,
     propagation_settings_from_env,
     recut_outlines,
@@ -307,6 +309,45 @@ def test_the_mirrored_view_outlines_the_object_where_it_lies(model):
     prompted = segmenter.decode_mirrored(image, boxes, mask_logits=prompt)
     assert dice(prompted[0, 0] > 0, truth) > 0.85
     assert prompt[0, 0, 0] == pytest.approx(-8.0)  # the caller's prompt is left as it was
+
+
+def test_prompts_blend_in_the_mirrored_view_when_asked(model):
+    """With ``mirror_weight``, a box prompt's logits (box and shrunk boxes) are blended with the same
+    prompts decoded on the mirrored slice; ``segment_many`` gives the same masks, and clicks alone
+    blend the box the model rated best. Each slice then goes through the encoder twice."""
+    image, truth, box = ellipse_slice(90, 130, centre=(40, 45), axes=(20, 14), seed=4)
+    points = [(40, 45, True), (110, 80, False)]
+    own = SliceSegmenter(model=model)
+    both = SliceSegmenter(model=model, cache=own.cache, mirror_weight=0.5)
+    box_px = np.asarray(box, np.float32)
+    boxes = shrunk_boxes(box_px, own.box_shrinks)
+    logits, _ = own.decode(own.embed(image), boxes=boxes)
+    mirrored = own.decode_mirrored(image, boxes)
+    expected = own.box_mask(0.5 * logits[:, 0].mean(axis=0) + 0.5 * mirrored[:, 0].mean(axis=0), box_px)
+    mask = both.segment(image, box=box)
+    assert np.array_equal(mask, expected) and dice(mask, truth) > 0.85
+    assert np.array_equal(both.segment_many([image], [box])[0], expected)
+    assert own.encoder_calls == 2 and both.encoder_calls == 0  # one slice, two views, one shared cache
+    assert np.array_equal(own.segment(image, box=box), own.box_mask(logits[:, 0].mean(axis=0), box_px))
+    assert dice(both.segment(image, box=box, points=points), truth) > 0.85
+    assert dice(both.segment(image, points=points[:1]), truth) > 0.85
+    with pytest.raises(ConfigError, match="mirror_weight"):
+        SliceSegmenter(model=model, mirror_weight=1.5)
+
+
+def test_workers_mirror_prompts_on_a_gpu_unless_told_otherwise(monkeypatch):
+    """``$STS_MIRROR_PROMPTS``: unset → on with a GPU, off on CPU (the second encoder pass would push a
+    first click past 1.5 s on 2 cores); on/off either way; anything else → a ConfigError naming it."""
+    monkeypatch.delenv("STS_MIRROR_PROMPTS", raising=False)
+    assert prompt_mirror_weight_from_env(gpu=True) == DEFAULT_PROMPT_MIRROR_WEIGHT > 0
+    assert prompt_mirror_weight_from_env(gpu=False) == 0.0
+    monkeypatch.setenv("STS_MIRROR_PROMPTS", "on")
+    assert prompt_mirror_weight_from_env(gpu=False) == DEFAULT_PROMPT_MIRROR_WEIGHT
+    monkeypatch.setenv("STS_MIRROR_PROMPTS", "0")
+    assert prompt_mirror_weight_from_env(gpu=True) == 0.0
+    monkeypatch.setenv("STS_MIRROR_PROMPTS", "auto")
+    with pytest.raises(ConfigError, match="STS_MIRROR_PROMPTS"):
+        prompt_mirror_weight_from_env(gpu=True)
 
 
 def test_workers_take_their_box_shrinks_from_the_environment(monkeypatch):

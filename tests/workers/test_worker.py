@@ -1,0 +1,33 @@
+"""The worker command's start-up checks (``workers.worker``)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.errors import ConfigError
+from workers.worker import worker_switches
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_worker_switches_report_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("STS_MIRROR_VIEW", raising=False)
+    monkeypatch.setenv("STS_MIRROR_PROMPTS", "on")
+    monkeypatch.setenv("STS_WARM_EMBEDDINGS", "off")
+    assert worker_switches() == {"mirror_view": True, "mirror_prompts": True, "warm_embeddings": False}
+    monkeypatch.setenv("STS_WARM_EMBEDDINGS", "maybe")
+    with pytest.raises(ConfigError, match="STS_WARM_EMBEDDINGS"):
+        worker_switches()
+
+
+def test_a_mistyped_switch_stops_the_worker_at_start(redis_url: str) -> None:
+    """Exit 1 with the variable named, before any job could fail on it."""
+    env = {**os.environ, "STS_MIRROR_VIEW": "of"}
+    done = subprocess.run([sys.executable, "-m", "workers.worker", "--redis-url", redis_url, "--burst", "--no-warm",
+                           "--queues", "sts-test-none"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "ConfigError: $STS_MIRROR_VIEW='of'" in done.stderr
