@@ -37,10 +37,12 @@ case "$stage" in
 cv)
     timeout 120 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --latency 50 \
         2>&1 | tee "$out/throughput.log"
+    timeout 90 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --latency 50 --repeats 1 \
+        --mirror 0.5 2>&1 | tee "$out/throughput_mirror.log"
     timeout 180 "$PYTHON" benchmarks/finetune_cv.py --packed "$data" --epochs "$EPOCHS" --lr "$LR" \
-        --batch-size "$BATCH" --json "$out/cv_decoder.json" 2>&1 | tr "\r" "\n" | grep -v "s/step\|step/s" | tee "$out/cv_decoder.log"
+        --batch-size "$BATCH" --mirror 0.5 --json "$out/cv_decoder.json" 2>&1 | tr "\r" "\n" | grep -v "s/step\|step/s" | tee "$out/cv_decoder.log"
     timeout 330 "$PYTHON" benchmarks/finetune_cv.py --packed "$data" --epochs "$EPOCHS" --lr "$LR" \
-        --batch-size "$BATCH" --train-encoder --json "$out/cv_encoder.json" 2>&1 | tr "\r" "\n" | grep -v "s/step\|step/s" \
+        --batch-size "$BATCH" --train-encoder --mirror 0.5 --json "$out/cv_encoder.json" 2>&1 | tr "\r" "\n" | grep -v "s/step\|step/s" \
         | tee "$out/cv_encoder.log"
     ;;
 final)

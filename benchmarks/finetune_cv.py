@@ -20,6 +20,7 @@ it); their embeddings come from the on-disk cache (computed and stored when miss
     .venv/bin/python benchmarks/finetune_cv.py --mask-prompts   # neighbour's outline as a dense prompt too
     .venv/bin/python benchmarks/finetune_cv.py --train-box-shrinks 2,4   # train on the shrunk-box average
     .venv/bin/python benchmarks/finetune_cv.py --train-neck   # the image encoder's neck learns too (CPU)
+    .venv/bin/python benchmarks/finetune_cv.py --mirror 0.5   # + (a), (b) with the mirrored view blended in
     .venv/bin/python benchmarks/finetune_cv.py --save-models cv-models/   # keep each fold's decoder
     .venv/bin/python benchmarks/finetune_cv.py --load-models cv-models/   # score them again, no training
 
@@ -115,15 +116,15 @@ def slice_items(segmenter, image: np.ndarray, mask: np.ndarray) -> list:
     return items
 
 
-def evaluate(segmenter, patients, seed: int, propagation=None) -> dict[str, list[float]]:
+def evaluate(segmenter, patients, seed: int, propagation=None, propagate_too: bool = True) -> dict[str, list[float]]:
     """Per-slice Dice for (a) and (b), per-patient volume Dice for (d) (``propagation`` settings,
-    default ``DEFAULT_PROPAGATION``)."""
+    default ``DEFAULT_PROPAGATION``; not with ``propagate_too=False``, for arms that change prompts only)."""
     from workers.segmentation import DEFAULT_PROPAGATION, propagate
 
     propagation = propagation or DEFAULT_PROPAGATION
     no_likeness = dataclasses.replace(propagation, min_likeness=0.0)
     rng = np.random.default_rng(seed)
-    scores: dict[str, list[float]] = {"a": [], "b": [], "d": [], "d0": []}
+    scores: dict[str, list[float]] = {"a": [], "b": [], "d": [], "d0": []} if propagate_too else {"a": [], "b": []}
     for _, image, mask in patients:
         for z in np.nonzero(mask.reshape(len(mask), -1).sum(1) >= DEFAULT_MIN_AREA_PX)[0]:
             truth = mask[z]
@@ -131,6 +132,8 @@ def evaluate(segmenter, patients, seed: int, propagation=None) -> dict[str, list
             scores["a"].append(dice(segmenter.segment(image[z], box=tight_box(truth, 5)), truth))
             loose = tuple(np.asarray(tight_box(truth, 10)) + jitter)
             scores["b"].append(dice(segmenter.segment(image[z], box=loose), truth))
+        if not propagate_too:
+            continue
         seed_index = int(np.argmax(mask.reshape(len(mask), -1).sum(1)))
         result = propagate(image, seed_index, mask[seed_index], segmenter=segmenter, settings=propagation)
         scores["d"].append(dice(result, mask))
@@ -291,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mask-prompts", action="store_true",
                         help="neighbour prompts carry the neighbour's outline as a dense mask prompt, and the "
                              "fine-tuned model propagates with it (PropagationSettings.mask_prompt)")
+    parser.add_argument("--mirror", type=float, default=0.0, metavar="WEIGHT",
+                        help="also score (a) and (b) of both models with the mirrored view blended in at this weight "
+                             "(SliceSegmenter.mirror_weight; propagation has its own)")
     args = parser.parse_args(argv)
     from core.errors import ConfigError
     from workers.segmentation import parse_box_shrinks
@@ -365,11 +371,16 @@ def main(argv: list[str] | None = None) -> int:
         train_items = [i for name, v in items.items() if name not in folds[k] for i in v]
         fold_started = time.perf_counter()
         model, report = fold_model(base, train_items, folds[k], args, k)
+        tuned = tuned_segmenter(model, args, held_out)
         results = {
             "off-the-shelf": evaluate(base_segmenter, held_out, args.seed + 100 + k),
-            "fine-tuned": evaluate(tuned_segmenter(model, args, held_out), held_out, args.seed + 100 + k,
-                                   tuned_propagation),
+            "fine-tuned": evaluate(tuned, held_out, args.seed + 100 + k, tuned_propagation),
         }
+        if args.mirror:  # the same prompts (seed), each slice also decoded mirrored; shares the cache
+            for label, segmenter in (("off-the-shelf", base_segmenter), ("fine-tuned", tuned)):
+                mirrored = copy.copy(segmenter)
+                mirrored.mirror_weight = args.mirror
+                results[f"{label} + mirror"] = evaluate(mirrored, held_out, args.seed + 100 + k, propagate_too=False)
         if args.ensemble:
             ensemble = SliceSegmenter(model=DecoderEnsemble([base, model]), cache=args.cache)
             results["ensemble"] = evaluate(ensemble, held_out, args.seed + 100 + k)
@@ -382,8 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         for label, scores in results.items():
             for part, values in scores.items():
                 totals.setdefault(label, {}).setdefault(part, []).extend(values)
-            line.append(f"{label}: (a) {np.mean(scores['a']):.3f} (b) {np.mean(scores['b']):.3f} "
-                        f"(d) {np.mean(scores['d']):.3f} (d0) {np.mean(scores['d0']):.3f}")
+            line.append(f"{label}: " + " ".join(f"({part}) {np.mean(scores[part]):.3f}"
+                                                for part in ("a", "b", "d", "d0") if part in scores))
         trained = f"{report.samples} prompts, {report.steps} steps" if report else f"loaded from {args.load_models}"
         print(f"fold {k} ({', '.join(folds[k])}; {trained}, "
               f"{time.perf_counter() - fold_started:.0f} s): " + "; ".join(line), flush=True)

@@ -94,7 +94,7 @@ encoder time on a CPU-only site, for 0.0015-0.0025 of mean volume Dice (see ``DE
 read by ``propagation_settings_from_env``)."""
 
 MIRROR_PROMPTS_ENV = "STS_MIRROR_PROMPTS"
-"""1/on: box and click prompts (``segment``, ``segment_many``) also decode the slice mirrored left-right
+"""1/on: box prompts, with or without clicks (``segment``, ``segment_many``), also decode the slice mirrored left-right
 and average the logits (``SliceSegmenter.mirror_weight`` = ``DEFAULT_PROMPT_MIRROR_WEIGHT``); 0/off:
 the slice alone. Unset: on when the worker has a GPU, off on CPU, where the mirrored slice's encoder
 pass on a first click costs 0.7-1.2 s on 2 cores, past the 1.5 s target (``prompt_mirror_weight_from_env``)."""
@@ -102,7 +102,8 @@ pass on a first click costs 0.7-1.2 s on 2 cores, past the 1.5 s target (``promp
 DEFAULT_PROMPT_MIRROR_WEIGHT = 0.5
 """Weight of the mirrored view in a prompt's logits when it is on. All 25 development patients, mean
 slice Dice, off-the-shelf LiteMedSAM: tight boxes 0.8788 → 0.8829, loose boxes 0.8257 → 0.8283
-(weight 0.25: 0.8818 / 0.8277); see ``benchmarks/eval_segmentation.py --mirror``."""
+(weight 0.25: 0.8818 / 0.8277; better on 17 and 15 of the 25 patients, worse on 6 and 9 by up to
+0.012 and 0.007); see ``benchmarks/eval_segmentation.py --mirror``. Clicks without a box keep one view."""
 
 BOX_SHRINKS_ENV = "STS_BOX_SHRINKS"
 """Comma-separated px overriding ``DEFAULT_BOX_SHRINKS_PX`` in the workers (``box_shrinks_from_env``);
@@ -586,7 +587,10 @@ class SliceSegmenter:
 
     def _segment_points(self, image: np.ndarray, points: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         """Clicks only: LiteMedSAM was trained with boxes, so boxes of several sizes are tried around the
-        positive clicks (with the clicks) and the one the model rates best is kept."""
+        positive clicks (with the clicks) and the one the model rates best is kept.
+
+        No mirrored view here: blending it into the chosen box lost on one click at the tumour's
+        innermost pixel (25 patients, mean slice Dice 0.538 → 0.526, 15 patients worse)."""
         coords, labels = points
         embedded = self.embed(image)
         boxes = point_boxes(coords[labels == 1], image.shape, DEFAULT_POINT_BOX_HALF_SIDES_PX)
@@ -595,9 +599,7 @@ class SliceSegmenter:
             embedded, boxes=boxes, points=(np.repeat(coords[None], n, 0), np.repeat(labels[None], n, 0))
         )
         best = int(np.argmax(iou[:, 0]))
-        chosen = boxes[best : best + 1]
-        blended = self.with_mirrored_view(image, logits[best : best + 1, 0], chosen, (coords[None], labels[None]))
-        return self.postprocess(blended, boxes[best])
+        return self.postprocess(logits[best, 0], boxes[best])
 
     def segment_many(self, images: Sequence[Any], boxes: Sequence[Any], batch_size: int = 64) -> list[np.ndarray]:
         """Box-prompted masks for many slices at once (GPU pre-annotation).

@@ -230,6 +230,7 @@ def run_worker(connection: redis.Redis, queue_names: Sequence[str], *, name: str
     from rq import SimpleWorker
 
     switches = worker_switches()
+    log.info("switches: %s", ", ".join(f"{k}={'on' if v else 'off'}" for k, v in switches.items()))
     device = detect_device()
     name = name or worker_name(device)
     info: dict[str, Any] = {**switches, "device": device, "host": socket.gethostname(), "pid": os.getpid(),
