@@ -94,10 +94,11 @@ encoder time on a CPU-only site, for 0.0015-0.0025 of mean volume Dice (see ``DE
 read by ``propagation_settings_from_env``)."""
 
 MIRROR_PROMPTS_ENV = "STS_MIRROR_PROMPTS"
-"""1/on: box prompts, with or without clicks (``segment``, ``segment_many``), also decode the slice mirrored left-right
-and average the logits (``SliceSegmenter.mirror_weight`` = ``DEFAULT_PROMPT_MIRROR_WEIGHT``); 0/off:
-the slice alone. Unset: on when the worker has a GPU, off on CPU, where the mirrored slice's encoder
-pass on a first click costs 0.7-1.2 s on 2 cores, past the 1.5 s target (``prompt_mirror_weight_from_env``)."""
+"""1/on: box prompts, with or without clicks (``segment``, ``segment_many``), also decode the slice
+mirrored left-right and average the logits (``SliceSegmenter.mirror_weight`` =
+``DEFAULT_PROMPT_MIRROR_WEIGHT``); 0/off: the slice alone. Unset: on when the worker has a GPU, off
+on CPU, where the mirrored slice's encoder pass on a first click costs 0.7-1.2 s on 2 cores, past
+the 1.5 s target (``prompt_mirror_weight_from_env``)."""
 
 DEFAULT_PROMPT_MIRROR_WEIGHT = 0.5
 """Weight of the mirrored view in a prompt's logits when it is on. All 25 development patients, mean
