@@ -537,7 +537,7 @@ class SliceSegmenter:
             mask_logits[..., :resized] = mask_logits[..., :resized][..., ::-1]
         if points is not None:
             coords = np.array(points[0], np.float32)
-            coords[..., 0] = (width - 1) - coords[..., 0]
+            coords[..., 0] = mirror_x(coords[..., 0], width)
             points = (coords, points[1])
         logits, _ = self.decode(embedded, boxes=mirror_boxes(boxes, width), points=points, mask_logits=mask_logits)
         return np.ascontiguousarray(logits[..., ::-1])
@@ -550,7 +550,7 @@ class SliceSegmenter:
         if not self.mirror_weight:
             return mean
         mirrored = self.decode_mirrored(image, boxes, points=points)[:, 0].mean(axis=0)
-        return (1.0 - self.mirror_weight) * mean + self.mirror_weight * mirrored
+        return blend_views(mean, mirrored, self.mirror_weight)
 
     def box_mask(self, average_logits: np.ndarray, box: np.ndarray) -> np.ndarray:
         """The mask of a box prompt from the logits averaged over the box and its shrunk boxes: cut at
@@ -627,7 +627,7 @@ class SliceSegmenter:
                     [mirror_boxes(box, array.shape[1])[0] for array, box in zip(chunk_arrays, chunk, strict=True)],
                     batch_size,
                 )
-                logits = [(1.0 - self.mirror_weight) * own + self.mirror_weight * other[:, ::-1]
+                logits = [blend_views(own, other[:, ::-1], self.mirror_weight)
                           for own, other in zip(logits, mirrored, strict=True)]
             masks.extend(self.box_mask(item_logits, box) for item_logits, box in zip(logits, chunk, strict=True))
         return masks
@@ -662,8 +662,20 @@ def mirror_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
     ``width`` pixels wide, placed on the same slice mirrored left-right (float32)."""
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     out = boxes.copy()
-    out[:, [0, 2]] = (width - 1) - boxes[:, [2, 0]]
+    out[:, [0, 2]] = mirror_x(boxes[:, [2, 0]], width)
     return out
+
+
+def mirror_x(x: np.ndarray, width: int) -> np.ndarray:
+    """Pixel-centre x coordinates on a slice ``width`` pixels wide, placed on the slice mirrored left-right."""
+    return (width - 1) - x
+
+
+def blend_views(own: np.ndarray, mirrored: np.ndarray, weight: float) -> np.ndarray:
+    """Logits of a slice's own view and of its mirrored view (already mirrored back onto the slice's
+    grid), weighted ``1 - weight`` and ``weight``: the one test-time augmentation rule that
+    prompts (``SliceSegmenter.mirror_weight``) and propagation (``PropagationSettings.mirror_weight``) share."""
+    return (1.0 - weight) * own + weight * mirrored
 
 
 def shrunk_boxes(box: np.ndarray, shrinks_px: Sequence[float], min_side_px: float = 4.0) -> np.ndarray:
@@ -1093,7 +1105,7 @@ def _propagate_step(
     logit = logits[0, 0]
     if settings.mirror_weight:
         mirrored = segmenter.decode_mirrored(image, box[None], mask_logits=mask_logits)[0, 0]
-        logit = (1.0 - settings.mirror_weight) * logit + settings.mirror_weight * mirrored
+        logit = blend_views(logit, mirrored, settings.mirror_weight)
     if settings.shape_prior:
         logit = logit + outline_logits(previous, settings.shape_prior, settings.shape_prior_px)
     judged = None  # what the likeness test sees: the model's own outline, without the classifier's pull
