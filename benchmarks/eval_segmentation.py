@@ -23,6 +23,10 @@ What is measured (all on CPU unless a GPU is visible):
     or too much on the tumour's slices).
 (e) latency of ``segment_slice`` on CPU: first call on a slice (image encoder + decoder) and a
     second call on the same slice (prompt encoder + decoder only), median milliseconds.
+(f) corrections: the loose box of (b), then up to ``CORRECTION_CLICKS`` clicks, each at the innermost
+    pixel of the largest error of the mask so far (positive on missed tumour, negative on extra), given
+    with the box and the earlier clicks, as an annotator fixes a draft with the keypoint tool (the
+    usual simulation of interactive segmentation). Mean slice Dice after the box and after each click.
 
 Tried on these patients and rejected (development figures, off-the-shelf model; details in issue 3):
 zooming on the box (a crop of 2-3× its side resized to 256: no gain, the IBSI crops already show the
@@ -39,6 +43,7 @@ them. Usage::
     .venv/bin/python benchmarks/eval_segmentation.py [--patients N] [--parts abcde]
     .venv/bin/python benchmarks/eval_segmentation.py --parts d --crop --no-naive --set shape_prior=0   # no prior
     .venv/bin/python benchmarks/eval_segmentation.py --parts abc --mirror 0.5   # prompts with the mirrored view
+    .venv/bin/python benchmarks/eval_segmentation.py --parts bf   # loose box, then corrective clicks
 """
 
 from __future__ import annotations
@@ -97,6 +102,28 @@ def inner_point(mask: np.ndarray) -> tuple[int, int]:
     return int(x), int(y)
 
 
+CORRECTION_CLICKS = 2
+"""How many corrective clicks (f) simulates after the loose box."""
+
+
+def correction_click(prediction: np.ndarray, truth: np.ndarray) -> tuple[int, int, bool] | None:
+    """``(x, y, positive)`` at the innermost pixel of the larger error (missed or extra tumour), or None.
+
+    "Larger" means farther from its border (the distance transform's maximum), not more pixels: an
+    annotator clicks in the middle of the most obvious mistake, and a thin rim of error along the
+    outline has nowhere to click.
+    """
+    best: tuple[float, int, int, bool] | None = None
+    for error, positive in ((truth & ~prediction, True), (prediction & ~truth, False)):
+        if not error.any():
+            continue
+        distance = cv2.distanceTransform(np.pad(error, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]
+        y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
+        if best is None or distance[y, x] > best[0]:
+            best = (float(distance[y, x]), int(x), int(y), positive)
+    return None if best is None else best[1:]
+
+
 def naive_chain(segmenter, volume: np.ndarray, seed_index: int, seed_mask: np.ndarray) -> np.ndarray:
     """The baseline: each slice prompted by the previous result's box + 5 px, stop when empty."""
     out = np.zeros(volume.shape, bool)
@@ -116,20 +143,31 @@ def summary(values: list[float]) -> str:
 
 
 def evaluate_slices(segmenter, patients: list[tuple[str, np.ndarray, np.ndarray]], parts: str, seed: int) -> None:
-    """Parts (a), (b), (c): one prompt per slice, Dice per slice."""
+    """Parts (a), (b), (c): one prompt per slice, Dice per slice; (f): (b) corrected by clicks."""
     rng = np.random.default_rng(seed)
-    scores: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+    keys = ("a", "b", "c", *(f"f{i}" for i in range(1, CORRECTION_CLICKS + 1)))
+    scores: dict[str, list[float]] = {key: [] for key in keys}
     for name, image, mask in patients:
         started = time.perf_counter()
-        per_patient: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+        per_patient: dict[str, list[float]] = {key: [] for key in keys}
         for z in np.nonzero(mask.reshape(len(mask), -1).sum(1) >= DEFAULT_MIN_AREA_PX)[0]:
             truth = mask[z]
             jitter = rng.uniform(-5, 5, 4)  # drawn for every slice, so (b) does not depend on --parts
             if "a" in parts:
                 per_patient["a"].append(dice(segmenter.segment(image[z], box=tight_box(truth, 5)), truth))
-            if "b" in parts:
-                box = np.asarray(tight_box(truth, 10)) + jitter
-                per_patient["b"].append(dice(segmenter.segment(image[z], box=tuple(box)), truth))
+            loose = tuple(np.asarray(tight_box(truth, 10)) + jitter)
+            if "b" in parts or "f" in parts:
+                result = segmenter.segment(image[z], box=loose)
+                if "b" in parts:
+                    per_patient["b"].append(dice(result, truth))
+            if "f" in parts:  # corrections of (b)'s mask; a perfect mask needs no click and stays
+                clicks: list[tuple[int, int, bool]] = []
+                for i in range(1, CORRECTION_CLICKS + 1):
+                    click = correction_click(result, truth)
+                    if click is not None:
+                        clicks.append(click)
+                        result = segmenter.segment(image[z], box=loose, points=clicks)
+                    per_patient[f"f{i}"].append(dice(result, truth))
             if "c" in parts:
                 x, y = inner_point(truth)
                 per_patient["c"].append(dice(segmenter.segment(image[z], points=[(x, y, True)]), truth))
@@ -141,8 +179,9 @@ def evaluate_slices(segmenter, patients: list[tuple[str, np.ndarray, np.ndarray]
         "a": "(a) box = mask bounding box + 5 px",
         "b": "(b) loose box: +10 px, each side ±5 px",
         "c": "(c) one positive click at the innermost pixel",
+        **{f"f{i}": f"(f) loose box + {i} corrective click(s)" for i in range(1, CORRECTION_CLICKS + 1)},
     }
-    for key in "abc":
+    for key in keys:
         if scores[key]:
             print(f"{titles[key]}: Dice {summary(scores[key])}")
 
@@ -268,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--box-threshold", type=float, default=None, metavar="LOGIT",
                         help="(a)-(c): where the shrunk-box average is cut (default: DEFAULT_BOX_THRESHOLD)")
     parser.add_argument("--mirror", type=float, default=None, metavar="WEIGHT",
-                        help="(a)-(c): weight of the mirrored slice's logits in each prompt's (0: the slice alone; "
+                        help="(a)-(c), (f): weight of the mirrored slice's logits in each prompt (0: the slice alone; "
                              "default: as the workers on this device, $STS_MIRROR_PROMPTS or on with a GPU)")
     parser.add_argument("--crop", action="store_true",
                         help="only the tumour's slices ± 3, as finetune_cv.py (and its embedding cache) uses them")
@@ -325,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         patients = load_patients(args.data_dir, [folder.name for folder in folders])
     else:
         patients = [(folder.name, *read_patient(folder)) for folder in folders]
-    if set(args.parts) & set("abc"):
+    if set(args.parts) & set("abcf"):
         evaluate_slices(segmenter, patients, args.parts, args.seed)
     if "d" in args.parts:
         evaluate_propagation(segmenter, patients, with_naive=not args.no_naive,

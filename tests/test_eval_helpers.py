@@ -1,4 +1,5 @@
-"""The benchmark's error breakdown must add up: every wrong voxel is counted once, under its cause."""
+"""The benchmark's helpers: the error breakdown must add up (every wrong voxel counted once, under its
+cause), and simulated corrective clicks must land where an annotator would click."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from eval_segmentation import ERROR_KINDS, propagation_errors
+from eval_segmentation import ERROR_KINDS, correction_click, propagation_errors
 
 
 def test_wrong_voxels_are_split_by_cause():
@@ -23,3 +24,26 @@ def test_wrong_voxels_are_split_by_cause():
     assert set(errors) == set(ERROR_KINDS)
     assert errors == {"missed": 32, "under": 8, "over": 8, "beyond": 6}  # slices 1 and 4 never reached
     assert sum(errors.values()) == int((result ^ truth).sum())
+
+
+def test_a_corrective_click_goes_to_the_middle_of_the_deepest_error():
+    truth = np.zeros((40, 40), bool)
+    truth[5:25, 5:25] = True
+    prediction = truth.copy()
+    prediction[10:20, 10:20] = False  # a 10 px hole: missed tumour, deep
+    prediction[30:32, 0:40] = True  # two 2 px bands of extra: 160 pixels in all, more than the
+    prediction[34:36, 0:40] = True  # hole's 100, but thin
+    x, y, positive = correction_click(prediction, truth)
+    assert positive and truth[y, x] and not prediction[y, x]
+    assert 13 <= x <= 16 and 13 <= y <= 16  # the hole's centre, not the larger but thin bands
+
+    only_extra = truth.copy()
+    only_extra[26:34, 8:16] = True  # an 8 px blob outside the tumour
+    x, y, positive = correction_click(only_extra, truth)
+    assert not positive and only_extra[y, x] and not truth[y, x]
+
+
+def test_a_perfect_mask_needs_no_click():
+    truth = np.zeros((8, 8), bool)
+    truth[2:5, 2:6] = True
+    assert correction_click(truth.copy(), truth) is None

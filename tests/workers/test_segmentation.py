@@ -28,6 +28,8 @@ from workers.models.litemedsam import (
 from workers.segmentation import (
     DEFAULT_BOX_SHRINKS_PX,
     DEFAULT_BOX_THRESHOLD,
+    DEFAULT_CLICK_MIN_REACH_PX,
+    DEFAULT_CLICK_REACH,
     DEFAULT_PROMPT_MIRROR_WEIGHT,
     DEFAULT_PROPAGATION,
     EmbeddingCache,
@@ -36,6 +38,8 @@ from workers.segmentation import (
     SeedLikeness,
     SliceSegmenter,
     box_shrinks_from_env,
+    check_points,
+    click_reach_region,
     fit_logistic,
     mirror_boxes,
     parse_box_shrinks,
@@ -333,6 +337,50 @@ def test_prompts_blend_in_the_mirrored_view_when_asked(model):
     assert np.array_equal(both.segment(image, points=points), own.segment(image, points=points))
     with pytest.raises(ConfigError, match="mirror_weight"):
         SliceSegmenter(model=model, mirror_weight=1.5)
+
+
+def test_a_click_reaches_as_far_as_the_mistake_it_points_at():
+    """A click's disc has ``reach`` × its distance to the nearest pixel of the other kind as radius
+    (a negative click inside the mask: to the background; a positive one outside: to the mask),
+    and at least the minimum: a click on the edge still changes a few pixels around it."""
+    mask = np.zeros((60, 80), bool)
+    mask[10:50, 10:50] = True  # a 40 px square
+    deep = click_reach_region(mask, check_points([(20, 30, False)], mask.shape), reach=1.5)
+    radius = 1.5 * 11  # 11 px from (20, 30) to the background at x = 9
+    assert deep[30, 20] and abs(int(deep[30].sum()) - (2 * radius + 1)) <= 2 and not deep[30, 38]
+    outside = click_reach_region(mask, check_points([(65, 30, True)], mask.shape), reach=2.0)
+    assert outside[30, 65] and outside[30, 35] and not outside[30, 30]  # 16 px to the mask at x = 49: 32 px
+    edge = click_reach_region(mask, check_points([(10, 30, False)], mask.shape), reach=DEFAULT_CLICK_REACH)
+    assert abs(int(edge[30].sum()) - (2 * DEFAULT_CLICK_MIN_REACH_PX + 1)) <= 2  # on the edge: the minimum
+    both = click_reach_region(mask, check_points([(20, 30, False), (65, 30, True)], mask.shape), reach=1.5)
+    assert both[30, 20] and both[30, 65] and not both[5, 5]
+
+
+def test_clicks_with_a_box_change_its_mask_only_within_their_reach(model):
+    """LiteMedSAM was trained with boxes only, so a box decoded with a click moves the whole outline;
+    the segmenter keeps the click's effect within its reach and the box's own mask elsewhere
+    (``click_reach=None``: the decoded outline everywhere, as before)."""
+    image, truth, box = ellipse_slice(90, 130, centre=(60, 45), axes=(30, 20), seed=5)
+    loose = (box[0] - 6, box[1] - 6, box[2] + 6, box[3] + 6)
+    segmenter = SliceSegmenter(model=model)
+    box_only = segmenter.segment(image, box=loose)
+    assert dice(box_only, truth) > 0.85
+    points = [(35, 45, False)]  # inside the ellipse, 4-6 px from its left edge
+    mask = segmenter.segment(image, box=loose, points=points)
+    near = click_reach_region(box_only, check_points(points, image.shape), segmenter.click_reach)
+    assert 0 < near.sum() < 0.2 * near.size and near[45, 35]
+    assert np.array_equal(mask & ~near, box_only & ~near)  # untouched beyond the click's reach
+    assert not np.array_equal(mask, box_only)  # the click did something where it points
+    unlimited = SliceSegmenter(model=model, cache=segmenter.cache, click_reach=None)
+    box_px = np.asarray(loose, np.float32)
+    boxes = shrunk_boxes(box_px, unlimited.box_shrinks)
+    coords, labels = check_points(points, image.shape)
+    repeated = (np.repeat(coords[None], len(boxes), 0), np.repeat(labels[None], len(boxes), 0))
+    logits, _ = unlimited.decode(unlimited.embed(image), boxes=boxes, points=repeated)
+    assert np.array_equal(unlimited.segment(image, box=loose, points=points),
+                          unlimited.box_mask(logits[:, 0].mean(axis=0), box_px))
+    with pytest.raises(ConfigError, match="click_reach"):
+        SliceSegmenter(model=model, click_reach=0)
 
 
 def test_workers_mirror_prompts_on_a_gpu_unless_told_otherwise(monkeypatch):
