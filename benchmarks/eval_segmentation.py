@@ -21,8 +21,9 @@ What is measured (all on CPU unless a GPU is visible):
     patient and overall, next to a naive chain (box of the previous result + 5 px, stop when empty),
     and the wrong voxels by cause (``propagation_errors``: stopped too early or too late, too little
     or too much on the tumour's slices).
-(e) latency of ``segment_slice`` on CPU: first call on a slice (image encoder + decoder) and a
-    second call on the same slice (prompt encoder + decoder only), median milliseconds.
+(e) latency of ``segment_slice`` on CPU: first call on a slice (image encoder + decoder), a
+    second call on the same slice (prompt encoder + decoder only) and a third with a click as well
+    (two decoder calls, see ``DEFAULT_CLICK_REACH``), median milliseconds.
 (f) corrections: the loose box of (b), then up to ``CORRECTION_CLICKS`` clicks, each at the innermost
     pixel of the largest error of the mask so far (positive on missed tumour, negative on extra), given
     with the box and the earlier clicks, as an annotator fixes a draft with the keypoint tool (the
@@ -44,6 +45,7 @@ them. Usage::
     .venv/bin/python benchmarks/eval_segmentation.py --parts d --crop --no-naive --set shape_prior=0   # no prior
     .venv/bin/python benchmarks/eval_segmentation.py --parts abc --mirror 0.5   # prompts with the mirrored view
     .venv/bin/python benchmarks/eval_segmentation.py --parts bf   # loose box, then corrective clicks
+    .venv/bin/python benchmarks/eval_segmentation.py --parts bf --click-reach none   # clicks as decoded
 """
 
 from __future__ import annotations
@@ -255,7 +257,7 @@ def evaluate_latency(model, patients: list[tuple[str, np.ndarray, np.ndarray]], 
     segmenter = SliceSegmenter(model=model)
     name, image, mask = patients[0]
     zs = np.nonzero(mask.reshape(len(mask), -1).sum(1) >= DEFAULT_MIN_AREA_PX)[0][:repeats]
-    first, cached = [], []
+    first, cached, clicked = [], [], []
     for z in zs:
         box = tight_box(mask[z], 5)
         started = time.perf_counter()
@@ -264,9 +266,14 @@ def evaluate_latency(model, patients: list[tuple[str, np.ndarray, np.ndarray]], 
         started = time.perf_counter()
         segmenter.segment(image[z], box=tight_box(mask[z], 8))
         cached.append(time.perf_counter() - started)
+        x, y = inner_point(mask[z])
+        started = time.perf_counter()
+        segmenter.segment(image[z], box=tight_box(mask[z], 8), points=[(x, y, True)])
+        clicked.append(time.perf_counter() - started)
     print(
         f"(e) latency of segment_slice on {model.device} ({name}, {len(zs)} slices): "
-        f"first call {1000 * np.median(first):.0f} ms, cached call {1000 * np.median(cached):.0f} ms (median)"
+        f"first call {1000 * np.median(first):.0f} ms, cached call {1000 * np.median(cached):.0f} ms, "
+        f"cached call with a click {1000 * np.median(clicked):.0f} ms (median)"
     )
 
 
@@ -309,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mirror", type=float, default=None, metavar="WEIGHT",
                         help="(a)-(c), (f): weight of the mirrored slice's logits in each prompt (0: the slice alone; "
                              "default: as the workers on this device, $STS_MIRROR_PROMPTS or on with a GPU)")
+    parser.add_argument("--click-reach", default=None, metavar="FACTOR",
+                        help="(f): how far a click given with a box reaches, × its distance from the mask's edge "
+                             "(default: DEFAULT_CLICK_REACH; 'none': everywhere, as LiteMedSAM decodes it)")
     parser.add_argument("--crop", action="store_true",
                         help="only the tumour's slices ± 3, as finetune_cv.py (and its embedding cache) uses them")
     args = parser.parse_args(argv)
@@ -320,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     from workers.segmentation import (
         DEFAULT_BOX_SHRINKS_PX,
         DEFAULT_BOX_THRESHOLD,
+        DEFAULT_CLICK_REACH,
         DiskEmbeddingCache,
         SliceSegmenter,
         parse_box_shrinks,
@@ -352,12 +363,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         mirror = (prompt_mirror_weight_from_env(gpu=model.device.type == "cuda") if args.mirror is None
                   else args.mirror)
+        reach = DEFAULT_CLICK_REACH
+        if args.click_reach is not None and args.click_reach.lower() == "none":
+            reach = None
+        elif args.click_reach is not None:
+            try:
+                reach = float(args.click_reach)
+            except ValueError:
+                parser.error(f"--click-reach {args.click_reach!r}: expected a positive factor or 'none'")
         segmenter = SliceSegmenter(model=model, cache=cache, box_shrinks=shrinks, box_threshold=threshold,
-                                   mirror_weight=mirror)
+                                   mirror_weight=mirror, click_reach=reach)
     except ConfigError as exc:
         parser.error(str(exc))
     print(f"box prompts averaged with the box shrunk by {shrinks or 'nothing'} px, cut at logit "
-          f"{segmenter.box_cut:g}; mirrored view weight {segmenter.mirror_weight:g}", flush=True)
+          f"{segmenter.box_cut:g}; mirrored view weight {segmenter.mirror_weight:g}; clicks with a box reach "
+          f"{segmenter.click_reach or 'everywhere'}", flush=True)
     if args.crop:
         from finetune_cv import load_patients
 
