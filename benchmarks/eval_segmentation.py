@@ -97,11 +97,16 @@ def tight_box(mask: np.ndarray, pad: float) -> tuple[float, float, float, float]
     return (xs.min() - pad, ys.min() - pad, xs.max() + pad, ys.max() + pad)
 
 
-def inner_point(mask: np.ndarray) -> tuple[int, int]:
-    """``(x, y)`` of the pixel farthest from the mask's border."""
+def deepest_pixel(mask: np.ndarray) -> tuple[float, int, int]:
+    """``(distance, x, y)`` of the pixel farthest from the mask's border (the image edge counts as border)."""
     distance = cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]
     y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
-    return int(x), int(y)
+    return float(distance[y, x]), int(x), int(y)
+
+
+def inner_point(mask: np.ndarray) -> tuple[int, int]:
+    """``(x, y)`` of the pixel farthest from the mask's border."""
+    return deepest_pixel(mask)[1:]
 
 
 CORRECTION_CLICKS = 2
@@ -119,10 +124,9 @@ def correction_click(prediction: np.ndarray, truth: np.ndarray) -> tuple[int, in
     for error, positive in ((truth & ~prediction, True), (prediction & ~truth, False)):
         if not error.any():
             continue
-        distance = cv2.distanceTransform(np.pad(error, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]
-        y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
-        if best is None or distance[y, x] > best[0]:
-            best = (float(distance[y, x]), int(x), int(y), positive)
+        distance, x, y = deepest_pixel(error)
+        if best is None or distance > best[0]:
+            best = (distance, x, y, positive)
     return None if best is None else best[1:]
 
 
