@@ -36,6 +36,12 @@ with the first mask's box (worse on both); moving the box sides in towards the f
 loose boxes, hurts tight ones: a 0 px box fell from 0.84 to 0.81); a 1.5 px propagation box (won on
 the 12 tuning patients, lost on the other 13). The model over-segments loose boxes (median predicted
 area 1.35× the truth for (b)); that is left to fine-tuning.
+Also rejected (12 tuning patients, n = 462 slices, one view, against (a) 0.8676 / (b) 0.8031): a per-slice
+classifier of embedding cells (``SeedClassifier``) fitted to the box's own first mask, its clipped logits
+added before the cut (self-training; weight 0.25-1, clip 2-8, hard, soft or outside-the-box targets):
+(b) at most 0.8105, (a) at best 0.8649, always worse (the other 13, weight 1, clip 2: (a) 0.8901 → 0.8817,
+(b) 0.8523 → 0.8583; a tight box cannot be told from a loose one); OpenCV GrabCut seeded by the box's logits: (a)
+0.62-0.81, (b) 0.65-0.73. The first mask's errors are what the classifier learns.
 
 Image embeddings are cached on disk (``~/.cache/sts-annotate/embeddings/<model version>/``, see
 ``workers.segmentation.DiskEmbeddingCache``) so that re-runs take minutes, and fine-tuning can reuse
