@@ -39,7 +39,7 @@ area 1.35× the truth for (b)); that is left to fine-tuning.
 Also rejected (12 tuning patients, n = 462 slices, one view, against (a) 0.8676 / (b) 0.8031): a per-slice
 classifier of embedding cells (``SeedClassifier``) fitted to the box's own first mask, its clipped logits
 added before the cut (self-training; weight 0.25-1, clip 2-8, hard, soft or outside-the-box targets):
-(b) at most 0.8105, (a) at best 0.8649, always worse (the other 13, weight 1, clip 2: (a) 0.8901 → 0.8817,
+(a) worse at every setting (at best 0.8649), (b) at most 0.8105 (the other 13, weight 1, clip 2: (a) 0.8901 → 0.8817,
 (b) 0.8523 → 0.8583; a tight box cannot be told from a loose one); OpenCV GrabCut seeded by the box's logits: (a)
 0.62-0.81, (b) 0.65-0.73. The first mask's errors are what the classifier learns.
 
