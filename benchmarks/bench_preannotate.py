@@ -12,8 +12,8 @@ DOI 10.7937/K9/TCIA.2015.7GO2GSKS), from the shared folder or from ``pack_ibsi.p
 
     .venv/bin/python benchmarks/bench_preannotate.py [--packed .devdata/ibsi.npz] [--batch-size 64] [--limit N]
 
-``--mirror 0.5`` measures the same with the mirrored view blended in (``SliceSegmenter.mirror_weight``,
-what GPU workers do for prompts by default): each slice goes through the encoder twice.
+``--views flip_x`` measures the same with the mirrored view averaged in (``SliceSegmenter.views``,
+what GPU workers do for prompts by default): each slice goes through the encoder once per view.
 """
 
 from __future__ import annotations
@@ -82,34 +82,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--limit", type=int, default=None, help="only the first N tumour slices (CPU smoke runs)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--mirror", type=float, default=0.0, metavar="WEIGHT",
-                        help="weight of the mirrored slice's logits (default 0: the slice alone)")
+    parser.add_argument("--views", default="none", metavar="NAMES",
+                        help="other views of each slice averaged in (workers.slice_views names, e.g. flip_x; "
+                             "default none: the slice alone)")
+    parser.add_argument("--stages", action="store_true",
+                        help="also time the model's stages apart: image encoder, decoder (embeddings cached), "
+                             "post-processing (cut, components, holes)")
     parser.add_argument("--latency", type=int, default=0, metavar="N",
                         help="also time N single-slice calls, first and with the embedding cached (in-process)")
     args = parser.parse_args(argv)
 
     import torch
 
+    from core.errors import ConfigError
     from workers.models import load_litemedsam
     from workers.segmentation import EmbeddingCache, SliceSegmenter
+    from workers.slice_views import parse_views, view_names
 
-    if args.packed is not None:
-        from pack_ibsi import unpack
+    try:
+        views = parse_views(args.views, "--views")
+    except ConfigError as exc:
+        parser.error(str(exc))
+    from pack_ibsi import dev_patients
 
-        patients = unpack(args.packed)
-    else:
-        from finetune_cv import load_patients
-
-        patients = load_patients(args.data_dir, None)
+    patients = dev_patients(args.packed, args.data_dir)
     pngs, truths, boxes = tumour_slices(patients, args.limit)
     model = load_litemedsam()
     device = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    warm = SliceSegmenter(model=model, cache=EmbeddingCache(1), mirror_weight=args.mirror)
+    warm = SliceSegmenter(model=model, cache=EmbeddingCache(1), views=views)
     run(warm, pngs[: args.batch_size], boxes[: args.batch_size], args.batch_size)  # kernels, autotuning
     totals = []
     for _ in range(args.repeats):
         # every slice (and view) through the encoder
-        segmenter = SliceSegmenter(model=model, cache=EmbeddingCache(1), mirror_weight=args.mirror)
+        segmenter = SliceSegmenter(model=model, cache=EmbeddingCache(1), views=views)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
@@ -120,22 +125,56 @@ def main(argv: list[str] | None = None) -> int:
     best, seconds = min(totals, key=lambda t: t[0])
     scores = [dice(m, t) for m, t in zip(masks, truths, strict=True)]
     print(f"{device}, {model.version}, batch {args.batch_size}, {len(pngs)} tumour slices of {len(patients)} "
-          f"patients, best of {args.repeats}, mirrored view weight {args.mirror:g}")
+          f"patients, best of {args.repeats}, views: slice{''.join(' + ' + n for n in view_names(views))}")
     print(f"throughput {len(pngs) / best:.1f} slices/s (PNG decode → model → brush RLE; {best:.2f} s)")
     print("  per stage: " + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items()))
     print(f"  sanity: mean Dice {np.mean(scores):.4f} (box + 5 px; eval_segmentation (a) on the same slices)")
+    if args.stages:
+        stages(model, pngs, boxes, args.batch_size)
     if args.latency:
-        latency(model, pngs[: args.latency], boxes[: args.latency], args.mirror)
+        latency(model, pngs[: args.latency], boxes[: args.latency], views)
     return 0
 
 
-def latency(model, pngs: list[bytes], boxes: list[tuple], mirror_weight: float = 0.0) -> None:
+def stages(model, pngs: list[bytes], boxes: list[tuple], batch_size: int) -> None:
+    """Seconds of the encoder, the decoder and the post-processing of ``segment_many`` on the slice
+    alone, each over all slices: where a faster pre-annotation has to look."""
+    import torch
+
+    from workers.segmentation import EmbeddingCache, SliceSegmenter, check_box
+
+    images = [cv2.imdecode(np.frombuffer(p, np.uint8), cv2.IMREAD_UNCHANGED) for p in pngs]
+    checked = [check_box(box, image.shape) for image, box in zip(images, boxes, strict=True)]
+    segmenter = SliceSegmenter(model=model, cache=EmbeddingCache(len(images) + 1))
+    cuda = model.device.type == "cuda"
+
+    def timed(step) -> tuple[float, object]:
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        value = step()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - started, value
+
+    encoder_s, _ = timed(lambda: segmenter.embed_many(images, batch_size=batch_size))
+    decoder_s, logits = timed(lambda: [item for start in range(0, len(images), batch_size) for item in
+                                       segmenter.box_logits_many(images[start : start + batch_size],
+                                                                 checked[start : start + batch_size], batch_size)])
+    post_s, _ = timed(lambda: [segmenter.box_mask(item, box) for item, box in zip(logits, checked, strict=True)])
+    n = len(images)
+    print(f"  stages over {n} slices: encoder {encoder_s:.2f} s ({n / encoder_s:.0f} slices/s), decoder with "
+          f"{1 + len(segmenter.box_shrinks)} boxes each + logits to the slice grid {decoder_s:.2f} s, "
+          f"post-processing {post_s:.2f} s")
+
+
+def latency(model, pngs: list[bytes], boxes: list[tuple], views: tuple = ()) -> None:
     """p50/p95 of one ``segment`` call on a new slice and on a cached one (what an interactive job runs)."""
     import torch
 
     from workers.segmentation import SliceSegmenter
 
-    segmenter = SliceSegmenter(model=model, mirror_weight=mirror_weight)
+    segmenter = SliceSegmenter(model=model, views=views)
     cuda = model.device.type == "cuda"
     first, cached = [], []
     for png, box in zip(pngs, boxes, strict=True):

@@ -3,11 +3,16 @@
 #
 # Prepare here once per session: `bash benchmarks/prepare_device.sh` (writes the git-ignored .whl,
 # .devdata and .devsvc folders, which travel with `carry`). Then, with the device tool:
+#   run(command="bash benchmarks/device_suite.sh figures", carry=[".whl", ".devdata", ".devsvc"])
 #   run(command="bash benchmarks/device_suite.sh cv", carry=[".whl", ".devdata"])
 #   run(command="bash benchmarks/device_suite.sh final", carry=[".whl", ".devdata"])
 #   run(command="bash benchmarks/device_suite.sh latency", carry=[".whl", ".devsvc"])
 #
 # Stages:
+#   figures  the GPU figures in one call of about 5 min (for a session lent 15 minutes of device
+#            time): throughput with the slice alone and with the mirrored view, click → mask latency
+#            through HTTP + Redis + an RQ worker, and the choice of views for box prompts (eval_views.py)
+#   views_cv the CPU recipe's CV of fine-tuning, (a) and (b) scored with the views $VIEWS as well
 #   cv       throughput + latency (bench_preannotate.py), then 5-fold patient-level CV of fine-tuning the
 #            decoder only and the encoder too (finetune_cv.py); logs and JSON under $OUT
 #   final    train on all 25 patients with the chosen recipe ($RECIPE: decoder|encoder) and bring the
@@ -33,16 +38,43 @@ EPOCHS=${EPOCHS:-20}
 LR=${LR:-1e-4}
 BATCH=${BATCH:-32}
 
+services() {  # redis-server and the pure-Python service wheels the device lacks (.devsvc)
+    [ -d .devsvc/case ] || { echo ".devsvc missing: run benchmarks/prepare_device.sh and carry .devsvc"; return 1; }
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .devsvc/whl/*.whl || return 1
+    chmod +x .devsvc/bin/redis-server
+    export PATH=$PWD/.devsvc/bin:$PATH LD_LIBRARY_PATH=$PWD/.devsvc/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    redis-server --version
+}
+
 case "$stage" in
+figures)
+    timeout 120 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --latency 50 \
+        2>&1 | tee "$out/throughput.log"
+    timeout 60 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --latency 50 --repeats 2 \
+        --views flip_x 2>&1 | tee "$out/throughput_flip_x.log"
+    if services; then
+        timeout 180 "$PYTHON" benchmarks/bench_interactive.py --prepared .devsvc/case --slices "${SLICES:-8}" \
+            --repeat "${REPEAT:-10}" 2>&1 | tee "$out/latency.log"
+    fi
+    timeout 220 "$PYTHON" benchmarks/eval_views.py --packed "$data" --json "$out/views.json" 2>&1 | tee "$out/views.log"
+    ;;
+views_cv)  # the CPU recipe's 5-fold CV, (a) and (b) with $VIEWS averaged into box prompts, on the GPU
+    timeout 30 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --repeats 1 --stages \
+        2>&1 | tee "$out/stages.log"
+    timeout 450 "$PYTHON" benchmarks/finetune_cv.py --packed "$data" --max-samples 1000 --epochs 1 --lr 2e-4 \
+        --views "${VIEWS:-rot180,antitranspose}" --no-propagation --embedding-dir /tmp/sts-embeddings \
+        --json "$out/cv_views.json" 2>&1 | tr "\r" "\n" | grep -v "s/step\|step/s" | tee "$out/cv_views.log"
+    ;;
 cv)
     timeout 120 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --latency 50 \
         2>&1 | tee "$out/throughput.log"
     timeout 90 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --latency 50 --repeats 1 \
-        --mirror 0.5 2>&1 | tee "$out/throughput_mirror.log"
+        --views flip_x 2>&1 | tee "$out/throughput_mirror.log"
     timeout 180 "$PYTHON" benchmarks/finetune_cv.py --packed "$data" --epochs "$EPOCHS" --lr "$LR" \
-        --batch-size "$BATCH" --mirror 0.5 --json "$out/cv_decoder.json" 2>&1 | tr "\r" "\n" | grep -v "s/step\|step/s" | tee "$out/cv_decoder.log"
+        --batch-size "$BATCH" --views flip_x --json "$out/cv_decoder.json" 2>&1 | tr "\r" "\n" | grep -v "s/step\|step/s" | tee "$out/cv_decoder.log"
     timeout 330 "$PYTHON" benchmarks/finetune_cv.py --packed "$data" --epochs "$EPOCHS" --lr "$LR" \
-        --batch-size "$BATCH" --train-encoder --mirror 0.5 --json "$out/cv_encoder.json" 2>&1 | tr "\r" "\n" | grep -v "s/step\|step/s" \
+        --batch-size "$BATCH" --train-encoder --views flip_x --json "$out/cv_encoder.json" 2>&1 | tr "\r" "\n" | grep -v "s/step\|step/s" \
         | tee "$out/cv_encoder.log"
     ;;
 final)
@@ -55,15 +87,10 @@ final)
     ls -la "$out"
     ;;
 latency)
-    [ -d .devsvc/case ] || { echo ".devsvc missing: run benchmarks/prepare_device.sh and carry .devsvc"; exit 1; }
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .devsvc/whl/*.whl || exit 1
-    chmod +x .devsvc/bin/redis-server
-    export PATH=$PWD/.devsvc/bin:$PATH LD_LIBRARY_PATH=$PWD/.devsvc/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-    redis-server --version || exit 1
+    services || exit 1
     timeout 500 "$PYTHON" benchmarks/bench_interactive.py --prepared .devsvc/case --slices "${SLICES:-8}" --repeat "${REPEAT:-10}" \
         2>&1 | tee "$out/latency.log"
     ;;
 *)
-    echo "unknown stage $stage (cv | final | latency)"; exit 2 ;;
+    echo "unknown stage $stage (figures | views_cv | cv | final | latency)"; exit 2 ;;
 esac

@@ -49,7 +49,7 @@ them. Usage::
 
     .venv/bin/python benchmarks/eval_segmentation.py [--patients N] [--parts abcde]
     .venv/bin/python benchmarks/eval_segmentation.py --parts d --crop --no-naive --set shape_prior=0   # no prior
-    .venv/bin/python benchmarks/eval_segmentation.py --parts abc --mirror 0.5   # prompts with the mirrored view
+    .venv/bin/python benchmarks/eval_segmentation.py --parts abc --views flip_x   # prompts with the mirrored view
     .venv/bin/python benchmarks/eval_segmentation.py --parts bf   # loose box, then corrective clicks
     .venv/bin/python benchmarks/eval_segmentation.py --parts bf --click-reach none   # clicks as decoded
 """
@@ -323,9 +323,10 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: the workers' DEFAULT_BOX_SHRINKS_PX; '' for the box alone)")
     parser.add_argument("--box-threshold", type=float, default=None, metavar="LOGIT",
                         help="(a)-(c): where the shrunk-box average is cut (default: DEFAULT_BOX_THRESHOLD)")
-    parser.add_argument("--mirror", type=float, default=None, metavar="WEIGHT",
-                        help="(a)-(c), (f): weight of the mirrored slice's logits in each prompt (0: the slice alone; "
-                             "default: as the workers on this device, $STS_MIRROR_PROMPTS or on with a GPU)")
+    parser.add_argument("--views", default=None, metavar="NAMES",
+                        help="(a), (b), (f): other views of the slice averaged into each box prompt (comma-separated "
+                             "workers.slice_views names, e.g. flip_x; 'none': the slice alone; default: as the "
+                             "workers on this device, $STS_PROMPT_VIEWS or flip_x with a GPU)")
     parser.add_argument("--click-reach", default=None, metavar="FACTOR",
                         help="(f): how far a click given with a box reaches, × its distance from the mask's edge "
                              "(default: DEFAULT_CLICK_REACH; 'none': everywhere, as LiteMedSAM decodes it)")
@@ -344,8 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         DiskEmbeddingCache,
         SliceSegmenter,
         parse_box_shrinks,
-        prompt_mirror_weight_from_env,
+        prompt_views_from_env,
     )
+    from workers.slice_views import parse_views, view_names
 
     torch.set_num_threads(2)
     folders = sorted(p for p in args.data_dir.glob("STS_*") if p.is_dir())[: args.patients]
@@ -371,8 +373,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(exc))
     threshold = DEFAULT_BOX_THRESHOLD if args.box_threshold is None else args.box_threshold
     try:
-        mirror = (prompt_mirror_weight_from_env(gpu=model.device.type == "cuda") if args.mirror is None
-                  else args.mirror)
+        views = (prompt_views_from_env(gpu=model.device.type == "cuda") if args.views is None
+                 else parse_views(args.views, "--views"))
         reach = DEFAULT_CLICK_REACH
         if args.click_reach is not None and args.click_reach.lower() == "none":
             reach = None
@@ -382,11 +384,12 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError:
                 parser.error(f"--click-reach {args.click_reach!r}: expected a positive factor or 'none'")
         segmenter = SliceSegmenter(model=model, cache=cache, box_shrinks=shrinks, box_threshold=threshold,
-                                   mirror_weight=mirror, click_reach=reach)
+                                   views=views, click_reach=reach)
     except ConfigError as exc:
         parser.error(str(exc))
     print(f"box prompts averaged with the box shrunk by {shrinks or 'nothing'} px, cut at logit "
-          f"{segmenter.box_cut:g}; mirrored view weight {segmenter.mirror_weight:g}; clicks with a box reach "
+          f"{segmenter.box_cut:g}; views: slice{''.join(' + ' + n for n in view_names(segmenter.views))}; "
+          "clicks with a box reach "
           f"{segmenter.click_reach or 'everywhere'}", flush=True)
     if args.crop:
         from finetune_cv import load_patients

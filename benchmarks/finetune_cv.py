@@ -20,7 +20,8 @@ it); their embeddings come from the on-disk cache (computed and stored when miss
     .venv/bin/python benchmarks/finetune_cv.py --mask-prompts   # neighbour's outline as a dense prompt too
     .venv/bin/python benchmarks/finetune_cv.py --train-box-shrinks 2,4   # train on the shrunk-box average
     .venv/bin/python benchmarks/finetune_cv.py --train-neck   # the image encoder's neck learns too (CPU)
-    .venv/bin/python benchmarks/finetune_cv.py --mirror 0.5   # + (a), (b) with the mirrored view blended in
+    .venv/bin/python benchmarks/finetune_cv.py --views flip_x   # + (a), (b) with the mirrored view averaged in
+    .venv/bin/python benchmarks/finetune_cv.py --views rot180 --no-propagation   # (a), (b) only
     .venv/bin/python benchmarks/finetune_cv.py --save-models cv-models/   # keep each fold's decoder
     .venv/bin/python benchmarks/finetune_cv.py --load-models cv-models/   # score them again, no training
 
@@ -294,15 +295,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mask-prompts", action="store_true",
                         help="neighbour prompts carry the neighbour's outline as a dense mask prompt, and the "
                              "fine-tuned model propagates with it (PropagationSettings.mask_prompt)")
-    parser.add_argument("--mirror", type=float, default=0.0, metavar="WEIGHT",
-                        help="also score (a) and (b) of both models with the mirrored view blended in at this weight "
-                             "(SliceSegmenter.mirror_weight; propagation has its own)")
+    parser.add_argument("--no-propagation", action="store_true",
+                        help="score (a) and (b) only: for prompt-side changes, which leave (d) as it was")
+    parser.add_argument("--views", default="none", metavar="NAMES",
+                        help="also score (a) and (b) of both models with these views of each slice averaged in "
+                             "(comma-separated workers.slice_views names, e.g. flip_x; SliceSegmenter.views; "
+                             "propagation has its own mirrored view)")
     args = parser.parse_args(argv)
     from core.errors import ConfigError
     from workers.segmentation import parse_box_shrinks
+    from workers.slice_views import parse_views
 
     try:
         args.train_box_shrinks = parse_box_shrinks(args.train_box_shrinks, "--train-box-shrinks")
+        args.views = parse_views(args.views, "--views")
     except ConfigError as exc:
         parser.error(str(exc))
     if args.load_models is not None and (args.save_models is not None or args.bag > 1 or args.train_encoder):
@@ -324,12 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     base = load_litemedsam("cuda" if torch.cuda.is_available() else "cpu")
     args.cache = DiskEmbeddingCache(args.embedding_dir, base.encoder_version, max_entries=4096)
     wanted_names = [p for p in args.patients.split(",") if p]
-    if args.packed is not None:
-        from pack_ibsi import unpack
+    from pack_ibsi import dev_patients
 
-        patients = [p for p in unpack(args.packed) if not wanted_names or p[0] in wanted_names]
-    else:
-        patients = load_patients(args.data_dir, wanted_names)
+    patients = dev_patients(args.packed, args.data_dir, wanted_names)
     base_segmenter = args.base_segmenter = SliceSegmenter(model=base, cache=args.cache)
     if args.train_neck:
         args.neck_cache = DiskEmbeddingCache(args.embedding_dir, f"{base.encoder_version}-neck-input", max_entries=4096)
@@ -372,15 +375,16 @@ def main(argv: list[str] | None = None) -> int:
         fold_started = time.perf_counter()
         model, report = fold_model(base, train_items, folds[k], args, k)
         tuned = tuned_segmenter(model, args, held_out)
+        propagate_too = not args.no_propagation
         results = {
-            "off-the-shelf": evaluate(base_segmenter, held_out, args.seed + 100 + k),
-            "fine-tuned": evaluate(tuned, held_out, args.seed + 100 + k, tuned_propagation),
+            "off-the-shelf": evaluate(base_segmenter, held_out, args.seed + 100 + k, propagate_too=propagate_too),
+            "fine-tuned": evaluate(tuned, held_out, args.seed + 100 + k, tuned_propagation, propagate_too),
         }
-        if args.mirror:  # the same prompts (seed), each slice also decoded mirrored; shares the cache
+        if args.views:  # the same prompts (seed), each slice also decoded on its views; shares the cache
             for label, segmenter in (("off-the-shelf", base_segmenter), ("fine-tuned", tuned)):
-                mirrored = copy.copy(segmenter)
-                mirrored.mirror_weight = args.mirror
-                results[f"{label} + mirror"] = evaluate(mirrored, held_out, args.seed + 100 + k, propagate_too=False)
+                with_views = copy.copy(segmenter)
+                with_views.views = args.views
+                results[f"{label} + views"] = evaluate(with_views, held_out, args.seed + 100 + k, propagate_too=False)
         if args.ensemble:
             ensemble = SliceSegmenter(model=DecoderEnsemble([base, model]), cache=args.cache)
             results["ensemble"] = evaluate(ensemble, held_out, args.seed + 100 + k)

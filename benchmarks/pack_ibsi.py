@@ -70,6 +70,15 @@ def unpack(path: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
         return [(str(n), data[f"{n}_image"], data[f"{n}_mask"]) for n in data["names"]]
 
 
+def dev_patients(packed: Path | None, data_dir: Path, names: list[str] | None = None
+                 ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The development patients as the benchmarks take them: from ``packed`` (this module's file, on
+    the GPU machine) when given, else from ``data_dir`` (the shared folder); ``names`` keeps a subset."""
+    if packed is None:
+        return load_patients(data_dir, names)
+    return [p for p in unpack(packed) if not names or p[0] in names]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output", type=Path)

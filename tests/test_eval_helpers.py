@@ -47,3 +47,30 @@ def test_a_perfect_mask_needs_no_click():
     truth = np.zeros((8, 8), bool)
     truth[2:5, 2:6] = True
     assert correction_click(truth.copy(), truth) is None
+
+
+def test_a_set_of_views_is_scored_on_the_average_of_its_logits():
+    """``eval_views.score`` averages the chosen views' logits and cuts them as ``SliceSegmenter``
+    does; a view that errs the other way is corrected by the average, which the scores must show."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from eval_views import SliceRecord, describe, score
+
+    from workers.segmentation import SliceSegmenter
+
+    segmenter = SliceSegmenter(box_shrinks=(), box_threshold=0.0)  # cut at 0; no model is loaded
+    truth = np.zeros((30, 30), bool)
+    truth[10:20, 10:20] = True
+    slice_view = np.where(truth, 4.0, -4.0)
+    slice_view[10:20, 20:24] = 2.0  # too wide on the right
+    other_view = np.where(truth, 4.0, -4.0)
+    other_view[10:20, 20:24] = -6.0  # sure it is not
+    box = np.array([8.0, 8.0, 25.0, 21.0], np.float32)
+    record = SliceRecord("P1", truth, {"a": box, "b": box},
+                         {part: np.stack([slice_view, other_view]).astype(np.float16) for part in ("a", "b")})
+    with ThreadPoolExecutor(2) as pool:
+        alone = score(segmenter, [record], (0,), pool)
+        both = score(segmenter, [record], (0, 1), pool)
+    assert alone["a"][0] == 2 * 100 / (140 + 100)  # 40 extra pixels
+    assert both["a"][0] == both["b"][0] == 1.0  # (2 - 6) / 2 < 0: the extra strip is gone
+    assert describe((0, 1), ["slice", "rot180"]) == "slice + rot180"

@@ -428,8 +428,8 @@ def _warm(volume: np.ndarray, case_id: str, modality: str, data_dir: str | Path 
 
     Slices go through the encoder one at a time on CPU (one slice is the longest an annotator waits
     behind this job) and 16 at a time on a GPU. The slices as they are come first (a click needs
-    them), then, when propagation or the prompts use it (``$STS_MIRROR_VIEW``, ``$STS_MIRROR_PROMPTS``),
-    each slice mirrored left-right.
+    them), then each other view that propagation or the prompts use (``$STS_MIRROR_VIEW``: the slice
+    mirrored left-right; ``$STS_PROMPT_VIEWS``), one view of every slice after another.
     When a job waits on the interactive or pre-annotation queue (an annotator, a propagation), or
     half the job's time limit has passed, the rest is enqueued as a new ``warm_embeddings`` job at
     the back of the pre-annotation queue.
@@ -440,19 +440,19 @@ def _warm(volume: np.ndarray, case_id: str, modality: str, data_dir: str | Path 
         DiskEmbeddingCache,
         default_segmenter,
         embedding_cache_budget_bytes,
-        mirrored_slice,
         propagation_settings_from_env,
     )
+    from workers.slice_views import MIRRORED, SliceView
 
     segmenter = default_segmenter()
     batch = 16 if segmenter.model.device.type == "cuda" else 1
     order = middle_out(len(volume), centre)
-    views = [(z, False) for z in order]
-    if propagation_settings_from_env().mirror_weight or segmenter.mirror_weight:  # propagation or prompts
-        views += [(z, True) for z in order]
+    used = ((MIRRORED,) if propagation_settings_from_env().mirror_weight else ()) + segmenter.views
+    other_views = list(dict.fromkeys(used))
+    views = [(z, None) for z in order] + [(z, other) for other in other_views for z in order]
 
-    def view(z: int, mirrored: bool) -> np.ndarray:
-        return mirrored_slice(volume[z]) if mirrored else volume[z]
+    def view(z: int, other: SliceView | None) -> np.ndarray:
+        return volume[z] if other is None else other.image(volume[z])
 
     pending = [v for v in views if segmenter.prepare(view(*v))[3] not in segmenter.cache]
     in_job = get_current_job() is not None
@@ -474,7 +474,7 @@ def _warm(volume: np.ndarray, case_id: str, modality: str, data_dir: str | Path 
     pruned = 0
     if isinstance(segmenter.cache, DiskEmbeddingCache) and done:
         pruned = segmenter.cache.prune(embedding_cache_budget_bytes())
-    return {"slices": len(volume), "views": 2 if views[-1][1] else 1, "embedded": done, "left": len(pending),
+    return {"slices": len(volume), "views": 1 + len(other_views), "embedded": done, "left": len(pending),
             "yielded": yielded, "pruned": pruned,
             "shared": isinstance(segmenter.cache, DiskEmbeddingCache)}
 
@@ -493,7 +493,8 @@ def warm_embeddings(case_id: str, modality: str, data_dir: str | Path | None = N
 
     Returns:
         ``{"slices", "views", "embedded", "left", "yielded", "pruned", "shared", "elapsed_ms"}``:
-        ``views`` is 2 when mirrored slices are warmed too; ``embedded`` and ``left`` count views.
+        ``views`` counts the views of each slice warmed (1: the slices alone; 2: and mirrored, ...);
+        ``embedded`` and ``left`` count views of slices.
     """
     start = time.perf_counter()
     volume = read_volume(_case(data_dir, case_id), modality)

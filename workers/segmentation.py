@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 from core.errors import ConfigError, InputError, ProjectError
-from core.settings import env_flag
+from core.settings import FLAG_OFF, FLAG_ON, env_flag
 from workers.models.litemedsam import LiteMedSAM, ModelFrame, load_litemedsam, mask_prompt_logits, preprocess_slice
+from workers.slice_views import MIRRORED, VIEWS, SliceView, parse_views
 
 DEFAULT_EMBEDDING_CACHE_SIZE = 256
 """Image embeddings kept per process (float16, 2 MiB each: 512 MiB at most); a few cases' slices."""
@@ -93,18 +94,42 @@ MIRROR_VIEW_ENV = "STS_MIRROR_VIEW"
 encoder time on a CPU-only site, for 0.0015-0.0025 of mean volume Dice (see ``DEFAULT_PROPAGATION``;
 read by ``propagation_settings_from_env``)."""
 
-MIRROR_PROMPTS_ENV = "STS_MIRROR_PROMPTS"
-"""1/on: box prompts, with or without clicks (``segment``, ``segment_many``), also decode the slice
-mirrored left-right and average the logits (``SliceSegmenter.mirror_weight`` =
-``DEFAULT_PROMPT_MIRROR_WEIGHT``); 0/off: the slice alone. Unset: on when the worker has a GPU, off
-on CPU, where the mirrored slice's encoder pass on a first click costs 0.7-1.2 s on 2 cores, past
-the 1.5 s target (``prompt_mirror_weight_from_env``)."""
+PROMPT_VIEWS_ENV = "STS_PROMPT_VIEWS"
+"""Which other views of the slice (``workers.slice_views.VIEWS``) a box prompt, with or without
+clicks (``segment``, ``segment_many``), is also decoded on, the views' logits averaged with the
+slice's own (``SliceSegmenter.views``): comma-separated view names; 'none' or an off word (0/off)
+for the slice alone; an on word for ``DEFAULT_PROMPT_VIEWS``. Unset: ``DEFAULT_PROMPT_VIEWS`` when
+the worker has a GPU, the slice alone on CPU, where each view's encoder pass on a first click costs
+0.7-1.2 s on 2 cores, past the 1.5 s target (``prompt_views_from_env``)."""
 
-DEFAULT_PROMPT_MIRROR_WEIGHT = 0.5
-"""Weight of the mirrored view in a prompt's logits when it is on. All 25 development patients, mean
-slice Dice, off-the-shelf LiteMedSAM: tight boxes 0.8788 → 0.8829, loose boxes 0.8257 → 0.8283
-(weight 0.25: 0.8818 / 0.8277; better on 17 and 15 of the 25 patients, worse on 6 and 9 by up to
-0.012 and 0.007); see ``benchmarks/eval_segmentation.py --mirror``. Clicks without a box keep one view."""
+LEGACY_MIRROR_PROMPTS_ENV = "STS_MIRROR_PROMPTS"
+"""Read when ``$STS_PROMPT_VIEWS`` is unset, with its old meaning: on, the mirrored view alone; off,
+the slice alone (so that an older ``.env`` keeps doing what it did)."""
+
+DEFAULT_PROMPT_VIEWS = ("rot180", "antitranspose")
+"""The views a box prompt is also decoded on when they are on (a GPU worker, by default): the slice
+turned by 180° and the slice flipped about its anti-diagonal, three views averaged with equal
+weights (``benchmarks/eval_views.py``, on an H200, bf16, off-the-shelf, mean slice Dice; boxes as
+``eval_segmentation.py`` (a) box + 5 px, (b) loose box). Chosen by greedy forward selection on the
+first 12 of the 25 development patients (n = 462 slices), checked on the other 13 (n = 460):
+
+=====================================  ===============  ===============  ===============
+views                                  12 (a) / (b)     13 (a) / (b)     all 25 (a) / (b)
+=====================================  ===============  ===============  ===============
+the slice alone                        0.8684 / 0.8002  0.8953 / 0.8505  0.8818 / 0.8253
++ flip_x (the default until now)       0.8742 / 0.8028  0.8973 / 0.8536  0.8857 / 0.8281
++ rot180 + antitranspose (default)     0.8828 / 0.8132  0.9041 / 0.8579  0.8934 / 0.8355
++ rot90 + flip_y as well (greedy end)  0.8847 / 0.8139  0.9048 / 0.8586  0.8947 / 0.8362
+all eight views                        0.8843 / 0.8115  0.9055 / 0.8570  0.8949 / 0.8342
+=====================================  ===============  ===============  ===============
+
+The greedy's last two steps gained 0.0013 on the 12 and 0.0007 on the 13 for two more encoder
+passes per slice, so the default stops after two. Each of the seven views helps alone, the turns
+and the flip about the anti-diagonal most on (a). Views upside down show anatomy no annotator sees,
+but they are only averaged in at test time, and the encoder's errors on them differ from its errors
+on the slice as it is.
+Each view is one more image-encoder pass on a slice's first click (about 20 ms on an H200, 0.7-1.2 s
+on two CPU cores) and one more decoder call on every click. Clicks without a box keep one view."""
 
 BOX_SHRINKS_ENV = "STS_BOX_SHRINKS"
 """Comma-separated px overriding ``DEFAULT_BOX_SHRINKS_PX`` in the workers (``box_shrinks_from_env``);
@@ -402,9 +427,10 @@ class SliceSegmenter:
     >>> mask = seg.segment(image, box=(40, 30, 90, 80))   # doctest: +SKIP
 
     Attributes:
-        mirror_weight: weight of the logits decoded on the slice mirrored left-right in a prompt's
-            logits (``decode_mirrored``; 0: the slice alone, see ``DEFAULT_PROMPT_MIRROR_WEIGHT``).
-            ``propagate`` has its own (``PropagationSettings.mirror_weight``).
+        views: the other views of the slice (``workers.slice_views``) a box prompt is decoded on as
+            well, their logits averaged with the slice's own with equal weights (``decode_view``;
+            empty: the slice alone; see ``DEFAULT_PROMPT_VIEWS``). Each view is embedded and cached
+            on its own. ``propagate`` has its own (``PropagationSettings.mirror_weight``).
         encoder_calls: slices run through the image encoder so far (cache misses), for tests/metrics.
     """
 
@@ -417,7 +443,7 @@ class SliceSegmenter:
         box_keep_margin: float | None = DEFAULT_BOX_KEEP_MARGIN_PX,
         box_shrinks: Sequence[float] = DEFAULT_BOX_SHRINKS_PX,
         box_threshold: float = DEFAULT_BOX_THRESHOLD,
-        mirror_weight: float = 0.0,
+        views: str | Sequence[SliceView | str] = (),
         click_reach: float | None = DEFAULT_CLICK_REACH,
     ) -> None:
         self._model = model
@@ -426,9 +452,12 @@ class SliceSegmenter:
         self.box_keep_margin = box_keep_margin
         self.box_shrinks = tuple(float(px) for px in box_shrinks)
         self.box_threshold = float(box_threshold)
-        if not 0.0 <= mirror_weight <= 1.0:
-            raise ConfigError(f"mirror_weight {mirror_weight}: expected a weight in [0, 1]")
-        self.mirror_weight = float(mirror_weight)
+        if isinstance(views, str):
+            views = (views,)
+        self.views = tuple(dict.fromkeys(
+            found for view in views
+            for found in ((view,) if isinstance(view, SliceView) else parse_views(view, "SliceSegmenter views"))
+        ))
         if click_reach is not None and click_reach <= 0:
             raise ConfigError(f"click_reach {click_reach}: expected a positive factor, or None for no limit")
         self.click_reach = None if click_reach is None else float(click_reach)
@@ -483,10 +512,12 @@ class SliceSegmenter:
             chunk = keys[start : start + batch_size]
             batch = torch.from_numpy(np.stack([missing[k] for k in chunk]))[:, None].expand(-1, 3, -1, -1)
             with torch.inference_mode():
-                embeddings = self.model.embed(batch)
+                # one device-to-host copy per batch: a copy per slice waited on the GPU each time and
+                # held a batch of 64 to 218 slices/s on an H200, against 486 for the encoder alone
+                embeddings = self.model.embed(batch).to("cpu", torch.float16)
             self.encoder_calls += len(chunk)
             for key, embedding in zip(chunk, embeddings, strict=True):
-                found[key] = self.cache.put(key, embedding)
+                found[key] = self.cache.put(key, embedding.clone())  # not a view that keeps the batch alive
         return [EmbeddedSlice(found[key], frame, key) for _, frame, key in prepared]
 
     # --------------------------------------------------------------------------------- decoding
@@ -533,6 +564,32 @@ class SliceSegmenter:
             image_logits = frame.logits_to_image(logits)
         return image_logits.cpu().numpy(), iou.cpu().numpy()
 
+    def decode_view(
+        self,
+        image: Any,
+        boxes: np.ndarray,
+        view: SliceView,
+        mask_logits: np.ndarray | None = None,
+        points: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Logits ``[N, 1, height, width]`` of ``boxes`` decoded on a view of ``image`` (flipped or
+        transposed, see ``workers.slice_views``) and mapped back onto ``image``'s grid: another view
+        of the slice for test-time augmentation.
+
+        The view has its own embedding (cached under its own key). ``mask_logits`` (model frame, as
+        in ``decode``) and ``points`` (as in ``decode``) travel with their slice.
+        """
+        array = as_slice(image)
+        embedded = self.embed(view.image(array))
+        if mask_logits is not None:
+            frame = ModelFrame.for_shape(*array.shape)
+            mask_logits = view.model_logits(mask_logits, (frame.resized_height, frame.resized_width))
+        if points is not None:
+            points = (view.coords(points[0], array.shape), points[1])
+        logits, _ = self.decode(embedded, boxes=view.boxes(boxes, array.shape), points=points,
+                                mask_logits=mask_logits)
+        return view.back(logits)
+
     def decode_mirrored(
         self,
         image: Any,
@@ -540,37 +597,16 @@ class SliceSegmenter:
         mask_logits: np.ndarray | None = None,
         points: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
-        """Logits ``[N, 1, height, width]`` of ``boxes`` decoded on ``image`` mirrored left-right, mirrored
-        back onto ``image``'s grid: a second view of the slice for test-time augmentation.
+        """``decode_view`` on the slice mirrored left-right, the second view ``propagate`` averages in."""
+        return self.decode_view(image, boxes, MIRRORED, mask_logits=mask_logits, points=points)
 
-        The mirrored slice has its own embedding (cached under its own key). Limbs are imaged on
-        either side, so a mirrored slice is one the model has seen the like of; up-down flips would
-        show anatomy no annotator sees. ``mask_logits`` (model frame, as in ``decode``) and ``points``
-        (as in ``decode``) are mirrored with their slice.
-        """
-        array = as_slice(image)
-        width = array.shape[1]
-        embedded = self.embed(mirrored_slice(array))
-        if mask_logits is not None:
-            resized = embedded.frame.resized_width  # the padding stays at the right
-            mask_logits = np.array(mask_logits, np.float32)
-            mask_logits[..., :resized] = mask_logits[..., :resized][..., ::-1]
-        if points is not None:
-            coords = np.array(points[0], np.float32)
-            coords[..., 0] = mirror_x(coords[..., 0], width)
-            points = (coords, points[1])
-        logits, _ = self.decode(embedded, boxes=mirror_boxes(boxes, width), points=points, mask_logits=mask_logits)
-        return np.ascontiguousarray(logits[..., ::-1])
-
-    def with_mirrored_view(self, image: np.ndarray, logits: np.ndarray, boxes: np.ndarray,
-                           points: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-        """``[H, W]``: ``logits`` (``[N, H, W]``, one per box) averaged over the boxes, then blended with
-        the same prompts decoded on the mirrored slice by ``mirror_weight`` (unchanged at weight 0)."""
-        mean = logits.mean(axis=0)
-        if not self.mirror_weight:
-            return mean
-        mirrored = self.decode_mirrored(image, boxes, points=points)[:, 0].mean(axis=0)
-        return blend_views(mean, mirrored, self.mirror_weight)
+    def with_views(self, image: np.ndarray, logits: np.ndarray, boxes: np.ndarray,
+                   points: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """``[H, W]``: ``logits`` (``[N, H, W]``, one per box) averaged over the boxes, then averaged
+        with the same prompts decoded on each of ``views`` (unchanged without views)."""
+        per_view = [logits.mean(axis=0)]
+        per_view += [self.decode_view(image, boxes, view, points=points)[:, 0].mean(axis=0) for view in self.views]
+        return average_views(per_view)
 
     def box_mask(self, average_logits: np.ndarray, box: np.ndarray) -> np.ndarray:
         """The mask of a box prompt from the logits averaged over the box and its shrunk boxes: cut at
@@ -604,11 +640,11 @@ class SliceSegmenter:
             np.repeat(point_px[0][None], len(boxes), axis=0), np.repeat(point_px[1][None], len(boxes), axis=0)
         )
         logits, _ = self.decode(embedded, boxes=boxes, points=points)
-        clicked = self.with_mirrored_view(array, logits[:, 0], boxes, points)
+        clicked = self.with_views(array, logits[:, 0], boxes, points)
         if point_px is None or self.click_reach is None:
             return self.box_mask(clicked, box_px)
         box_logits, _ = self.decode(embedded, boxes=boxes)
-        box_only = self.with_mirrored_view(array, box_logits[:, 0], boxes)
+        box_only = self.with_views(array, box_logits[:, 0], boxes)
         near = click_reach_region(self.box_mask(box_only, box_px), point_px, self.click_reach)
         return self.box_mask(np.where(near, clicked, box_only), box_px)
 
@@ -616,8 +652,8 @@ class SliceSegmenter:
         """Clicks only: LiteMedSAM was trained with boxes, so boxes of several sizes are tried around the
         positive clicks (with the clicks) and the one the model rates best is kept.
 
-        No mirrored view here: blending it into the chosen box lost on one click at the tumour's
-        innermost pixel (25 patients, mean slice Dice 0.538 → 0.526, 15 patients worse)."""
+        No other views here: blending the mirrored one into the chosen box lost on one click at the
+        tumour's innermost pixel (25 patients, mean slice Dice 0.538 → 0.526, 15 patients worse)."""
         coords, labels = points
         embedded = self.embed(image)
         boxes = point_boxes(coords[labels == 1], image.shape, DEFAULT_POINT_BOX_HALF_SIDES_PX)
@@ -632,8 +668,8 @@ class SliceSegmenter:
         """Box-prompted masks for many slices at once (GPU pre-annotation).
 
         The encoder and the decoder both run on ``batch_size`` slices per call; the masks are the
-        same as ``segment`` gives one slice at a time (with ``mirror_weight``, the mirrored slices go
-        through the encoder and the decoder as a second batch: about twice the time).
+        same as ``segment`` gives one slice at a time (with ``views``, each view of the slices goes
+        through the encoder and the decoder as a batch of its own: one more slice's time per view).
         """
         if len(images) != len(boxes):
             raise InputError(f"segment_many needs one box per image, got {len(images)} images, {len(boxes)} boxes")
@@ -646,21 +682,22 @@ class SliceSegmenter:
         for start in range(0, len(arrays), batch_size):
             chunk_arrays = arrays[start : start + batch_size]
             chunk = checked[start : start + batch_size]
-            logits = self._box_logits_many(chunk_arrays, chunk, batch_size)
-            if self.mirror_weight:
-                mirrored = self._box_logits_many(
-                    [mirrored_slice(array) for array in chunk_arrays],
-                    [mirror_boxes(box, array.shape[1])[0] for array, box in zip(chunk_arrays, chunk, strict=True)],
-                    batch_size,
-                )
-                logits = [blend_views(own, other[:, ::-1], self.mirror_weight)
-                          for own, other in zip(logits, mirrored, strict=True)]
+            per_view = [self.box_logits_many(chunk_arrays, chunk, batch_size, view) for view in (None, *self.views)]
+            logits = [average_views(views) for views in zip(*per_view, strict=True)]
             masks.extend(self.box_mask(item_logits, box) for item_logits, box in zip(logits, chunk, strict=True))
         return masks
 
-    def _box_logits_many(self, arrays: Sequence[np.ndarray], boxes: Sequence[np.ndarray],
-                         batch_size: int) -> list[np.ndarray]:
-        """Each slice's logits ``[H, W]`` averaged over its box and shrunk boxes, in one decoder call."""
+    def box_logits_many(self, arrays: Sequence[np.ndarray], boxes: Sequence[np.ndarray],
+                        batch_size: int = 64, view: SliceView | None = None) -> list[np.ndarray]:
+        """Each slice's logits ``[H, W]`` averaged over its box (``check_box``'s pixel centres) and
+        shrunk boxes, in one decoder call; with ``view``, decoded on that view of each slice and
+        mapped back onto the slice's grid (``segment_many`` averages the views; the benchmarks keep
+        them apart to choose among them)."""
+        if view is not None:
+            seen = self.box_logits_many([view.image(array) for array in arrays],
+                                        [view.boxes(box, array.shape)[0] for array, box in
+                                         zip(arrays, boxes, strict=True)], batch_size)
+            return [view.back(item) for item in seen]
         device = self.model.device
         per_slice = 1 + len(self.box_shrinks)
         embedded = self.embed_many(arrays, batch_size=batch_size)
@@ -673,34 +710,27 @@ class SliceSegmenter:
                 embeddings.float().repeat_interleave(per_slice, dim=0), torch.from_numpy(model_boxes).to(device)
             )
         logits = logits.float().reshape(len(boxes), per_slice, *logits.shape[-2:]).mean(dim=1, keepdim=True)
-        return [item.frame.logits_to_image(item_logits[None])[0, 0].cpu().numpy()
-                for item, item_logits in zip(embedded, logits, strict=True)]
+        on_grid = [item.frame.logits_to_image(item_logits[None])[0, 0]
+                   for item, item_logits in zip(embedded, logits, strict=True)]
+        if device.type == "cpu":
+            return [item.numpy() for item in on_grid]
+        # slices differ in size: one flat device-to-host copy for the batch, then split on the host
+        flat = torch.cat([item.reshape(-1) for item in on_grid]).cpu().numpy()
+        ends = np.cumsum([item.numel() for item in on_grid])
+        return [flat[end - item.numel() : end].reshape(item.shape) for item, end in zip(on_grid, ends, strict=True)]
 
 
-def mirrored_slice(image: Any) -> np.ndarray:
-    """``image`` mirrored left-right, as ``SliceSegmenter.decode_mirrored`` embeds it (so that a
-    warm-up that embeds it ahead fills the same cache entry)."""
-    return np.ascontiguousarray(as_slice(image)[:, ::-1])
-
-
-def mirror_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
-    """``[N, 4]`` boxes ``(x0, y0, x1, y1)`` (pixel centres, as ``check_box`` gives them) of a slice
-    ``width`` pixels wide, placed on the same slice mirrored left-right (float32)."""
-    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-    out = boxes.copy()
-    out[:, [0, 2]] = mirror_x(boxes[:, [2, 0]], width)
-    return out
-
-
-def mirror_x(x: np.ndarray, width: int) -> np.ndarray:
-    """Pixel-centre x coordinates on a slice ``width`` pixels wide, placed on the slice mirrored left-right."""
-    return (width - 1) - x
+def average_views(logits: Sequence[np.ndarray]) -> np.ndarray:
+    """The mean of one prompt's logits ``[H, W]`` on each view of its slice (all on the slice's grid),
+    with equal weights: what ``segment`` and ``segment_many`` both cut."""
+    return logits[0] if len(logits) == 1 else np.mean(np.stack(logits), axis=0)
 
 
 def blend_views(own: np.ndarray, mirrored: np.ndarray, weight: float) -> np.ndarray:
     """Logits of a slice's own view and of its mirrored view (already mirrored back onto the slice's
     grid), weighted ``1 - weight`` and ``weight``: the one test-time augmentation rule that
-    prompts (``SliceSegmenter.mirror_weight``) and propagation (``PropagationSettings.mirror_weight``) share."""
+    propagation (``PropagationSettings.mirror_weight``) uses; box prompts average any number of views
+    with equal weights (``average_views``)."""
     return (1.0 - weight) * own + weight * mirrored
 
 
@@ -1357,13 +1387,12 @@ def default_segmenter() -> SliceSegmenter:
     With ``$STS_EMBEDDING_CACHE`` set, its embeddings also go to that folder, so the workers of one
     host share them: a slice embedded ahead of time (``workers.jobs.warm_embeddings``) answers its
     first click with the decoder alone. ``$STS_BOX_SHRINKS`` sets its ``box_shrinks`` and
-    ``$STS_MIRROR_PROMPTS`` its ``mirror_weight``.
+    ``$STS_PROMPT_VIEWS`` its ``views``.
     """
     global _DEFAULT_SEGMENTER
     with _DEFAULT_LOCK:
         if _DEFAULT_SEGMENTER is None:
-            segmenter = SliceSegmenter(box_shrinks=box_shrinks_from_env(),
-                                       mirror_weight=prompt_mirror_weight_from_env())
+            segmenter = SliceSegmenter(box_shrinks=box_shrinks_from_env(), views=prompt_views_from_env())
             root = os.environ.get(EMBEDDING_CACHE_ENV)
             if root:
                 segmenter.cache = DiskEmbeddingCache(root, segmenter.model.encoder_version,
@@ -1414,17 +1443,26 @@ def propagation_settings_from_env() -> PropagationSettings:
     return DEFAULT_PROPAGATION if env_flag(MIRROR_VIEW_ENV) else replace(DEFAULT_PROPAGATION, mirror_weight=0.0)
 
 
-def prompt_mirror_weight_from_env(gpu: bool | None = None) -> float:
-    """``SliceSegmenter.mirror_weight`` as ``$STS_MIRROR_PROMPTS`` sets it (see ``MIRROR_PROMPTS_ENV``).
+def prompt_views_from_env(gpu: bool | None = None) -> tuple[SliceView, ...]:
+    """``SliceSegmenter.views`` as ``$STS_PROMPT_VIEWS`` sets it (see ``PROMPT_VIEWS_ENV``; when it is
+    unset, ``$STS_MIRROR_PROMPTS`` as ``LEGACY_MIRROR_PROMPTS_ENV`` says).
 
     Args:
         gpu: whether the model runs on a GPU (default: whether torch sees CUDA), the default when unset.
 
     Raises:
-        ConfigError: the variable is set to something else than 1/true/yes/on or 0/false/no/off.
+        ConfigError: an unknown view name, or a legacy value that is not an on/off word.
     """
-    default = torch.cuda.is_available() if gpu is None else gpu
-    return DEFAULT_PROMPT_MIRROR_WEIGHT if env_flag(MIRROR_PROMPTS_ENV, default=default) else 0.0
+    raw = os.environ.get(PROMPT_VIEWS_ENV, "").strip()
+    if not raw and os.environ.get(LEGACY_MIRROR_PROMPTS_ENV, "").strip():
+        return (MIRRORED,) if env_flag(LEGACY_MIRROR_PROMPTS_ENV) else ()
+    if not raw:
+        raw = "on" if (torch.cuda.is_available() if gpu is None else gpu) else "off"
+    if raw.lower() in FLAG_ON:
+        return tuple(VIEWS[name] for name in DEFAULT_PROMPT_VIEWS)
+    if raw.lower() in FLAG_OFF:
+        return ()
+    return parse_views(raw, f"${PROMPT_VIEWS_ENV}={raw!r}")
 
 
 def embedding_cache_budget_bytes() -> int:

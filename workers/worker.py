@@ -79,14 +79,16 @@ def warm_model() -> dict[str, Any]:
             "warm_s": round(time.perf_counter() - start, 2)}
 
 
-def worker_switches() -> dict[str, bool]:
-    """The ``STS_*`` on/off switches the jobs will read, read once at start so that a typo stops the
+def worker_switches() -> dict[str, bool | str]:
+    """The ``STS_*`` switches the jobs will read, read once at start so that a typo stops the
     worker with a ``ConfigError`` naming the variable instead of failing every job later."""
     from workers.jobs import warming_enabled
-    from workers.segmentation import prompt_mirror_weight_from_env, propagation_settings_from_env
+    from workers.segmentation import prompt_views_from_env, propagation_settings_from_env
+    from workers.slice_views import view_names
 
     return {"mirror_view": propagation_settings_from_env().mirror_weight > 0,
-            "mirror_prompts": prompt_mirror_weight_from_env() > 0, "warm_embeddings": warming_enabled()}
+            "prompt_views": ",".join(view_names(prompt_views_from_env())) or "none",
+            "warm_embeddings": warming_enabled()}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -230,7 +232,8 @@ def run_worker(connection: redis.Redis, queue_names: Sequence[str], *, name: str
     from rq import SimpleWorker
 
     switches = worker_switches()
-    log.info("switches: %s", ", ".join(f"{k}={'on' if v else 'off'}" for k, v in switches.items()))
+    log.info("switches: %s", ", ".join(
+        f"{k}={v if isinstance(v, str) else ('on' if v else 'off')}" for k, v in switches.items()))
     device = detect_device()
     name = name or worker_name(device)
     info: dict[str, Any] = {**switches, "device": device, "host": socket.gethostname(), "pid": os.getpid(),

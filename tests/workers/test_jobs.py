@@ -31,6 +31,7 @@ from workers.jobs import (
     seed_mask,
     segment_interactive,
 )
+from workers.slice_views import VIEWS
 
 CASE = "PH-JOBS"
 SEED = 13
@@ -264,6 +265,24 @@ def test_warming_makes_way_for_annotators_and_serves_another_worker(case, redis_
     assert workers.segmentation.default_segmenter().encoder_calls == 0
     segment_interactive(CASE, "T2", SEED + 3, box=truth_box(truth[SEED + 3]), data_dir=data_dir)
     assert workers.segmentation.default_segmenter().encoder_calls == 1
+
+
+def test_warming_embeds_each_view_the_worker_uses_once(case, redis_db, monkeypatch) -> None:
+    """Propagation's mirrored view and the box prompts' views (``$STS_PROMPT_VIEWS``) are all warmed,
+    a view that both use only once: the slices first, then one view of all slices after another."""
+    data_dir, truth = case
+    monkeypatch.setenv("STS_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("STS_PROMPT_VIEWS", "flip_x,rot180")
+    monkeypatch.setattr(workers.segmentation, "_DEFAULT_SEGMENTER", None)
+    Queue(INTERACTIVE_QUEUE, connection=redis_db).enqueue_call(
+        SEGMENT_INTERACTIVE_JOB, kwargs={"case_id": CASE, "modality": "T2", "slice_index": 0, "box": [1, 1, 9, 9]})
+    preannotate = Queue(PREANNOTATE_QUEUE, connection=redis_db)
+    job = preannotate.enqueue_call(WARM_EMBEDDINGS_JOB, kwargs={"case_id": CASE, "modality": "T2", "centre": SEED})
+    SimpleWorker([preannotate], connection=redis_db).work(burst=True, max_jobs=1, with_scheduler=False)
+    result = job.return_value()
+    assert result["views"] == 3 and result["embedded"] == 1 and result["left"] == 3 * truth.shape[0] - 1
+    assert workers.segmentation.default_segmenter().views == (VIEWS["flip_x"], VIEWS["rot180"])
+    monkeypatch.setattr(workers.segmentation, "_DEFAULT_SEGMENTER", None)
 
 
 def test_the_disk_cache_is_pruned_least_recently_used_first(tmp_path, monkeypatch) -> None:

@@ -30,7 +30,7 @@ from workers.segmentation import (
     DEFAULT_BOX_THRESHOLD,
     DEFAULT_CLICK_MIN_REACH_PX,
     DEFAULT_CLICK_REACH,
-    DEFAULT_PROMPT_MIRROR_WEIGHT,
+    DEFAULT_PROMPT_VIEWS,
     DEFAULT_PROPAGATION,
     EmbeddingCache,
     NoAutomaticModelError,
@@ -41,9 +41,8 @@ from workers.segmentation import (
     check_points,
     click_reach_region,
     fit_logistic,
-    mirror_boxes,
     parse_box_shrinks,
-    prompt_mirror_weight_from_env,
+    prompt_views_from_env,
     propagate,
     propagation_settings_from_env,
     recut_outlines,
@@ -53,6 +52,7 @@ from workers.segmentation import (
     signed_distance,
     taper_cuts,
 )
+from workers.slice_views import MIRRORED, VIEWS
 
 PROPAGATION_PATIENT = "STS_019"
 """A small patient (15 tumour slices of 110×112 px) so that propagation runs in well under a minute."""
@@ -291,14 +291,6 @@ def test_shrunk_boxes_stay_centred_and_never_invert():
     assert shrunk_boxes(np.array([1, 2, 3, 4]), []).tolist() == [[1, 2, 3, 4]]
 
 
-def test_mirror_boxes_place_a_box_on_the_mirrored_slice():
-    boxes = np.array([[2.0, 5.0, 10.0, 9.0], [0.0, 0.0, 19.0, 3.0]])
-    mirrored = mirror_boxes(boxes, width=20)
-    assert mirrored.dtype == np.float32
-    assert mirrored.tolist() == [[9, 5, 17, 9], [0, 0, 19, 3]]  # pixel centres: x -> 19 - x
-    assert np.array_equal(mirror_boxes(mirrored, width=20), boxes)
-
-
 def test_the_mirrored_view_outlines_the_object_where_it_lies(model):
     """An ellipse off to the left: decoded on the mirrored slice and mirrored back, the outline is
     on the ellipse, not on its mirror image; the mask prompt travels with its slice."""
@@ -315,28 +307,38 @@ def test_the_mirrored_view_outlines_the_object_where_it_lies(model):
     assert prompt[0, 0, 0] == pytest.approx(-8.0)  # the caller's prompt is left as it was
 
 
-def test_prompts_blend_in_the_mirrored_view_when_asked(model):
-    """With ``mirror_weight``, a box prompt's logits (box and shrunk boxes) are blended with the same
-    prompts decoded on the mirrored slice, and ``segment_many`` gives the same masks: each slice then
-    goes through the encoder twice. Clicks without a box keep one view (the mirrored one lost there)."""
+def test_prompts_average_in_their_views_when_asked(model):
+    """With ``views``, a box prompt's logits (box and shrunk boxes) are averaged with equal weights with
+    the same prompts decoded on each view of the slice, and ``segment_many`` gives the same masks: each
+    slice then goes through the encoder once per view. Clicks without a box keep one view (the
+    mirrored one lost there)."""
     image, truth, box = ellipse_slice(90, 130, centre=(40, 45), axes=(20, 14), seed=4)
     points = [(40, 45, True), (110, 80, False)]
     own = SliceSegmenter(model=model)
-    both = SliceSegmenter(model=model, cache=own.cache, mirror_weight=0.5)
+    two = SliceSegmenter(model=model, cache=own.cache, views=[MIRRORED])
+    three = SliceSegmenter(model=model, cache=own.cache, views="flip_x,transpose")
+    assert three.views == (MIRRORED, VIEWS["transpose"])
     box_px = np.asarray(box, np.float32)
     boxes = shrunk_boxes(box_px, own.box_shrinks)
     logits, _ = own.decode(own.embed(image), boxes=boxes)
     mirrored = own.decode_mirrored(image, boxes)
+    transposed = own.decode_view(image, boxes, VIEWS["transpose"])
+    assert dice(transposed[0, 0] > 0, truth) > 0.85  # mapped back onto the slice's grid
     expected = own.box_mask(0.5 * logits[:, 0].mean(axis=0) + 0.5 * mirrored[:, 0].mean(axis=0), box_px)
-    mask = both.segment(image, box=box)
+    mask = two.segment(image, box=box)
     assert np.array_equal(mask, expected) and dice(mask, truth) > 0.85
-    assert np.array_equal(both.segment_many([image], [box])[0], expected)
-    assert own.encoder_calls == 2 and both.encoder_calls == 0  # one slice, two views, one shared cache
+    assert np.array_equal(two.segment_many([image], [box])[0], expected)
+    averaged = (logits[:, 0].mean(axis=0) + mirrored[:, 0].mean(axis=0) + transposed[:, 0].mean(axis=0)) / 3
+    assert np.allclose(three.box_logits_many([image], [box_px])[0], logits[:, 0].mean(axis=0), atol=1e-4)
+    expected = own.box_mask(averaged, box_px)
+    assert np.array_equal(three.segment(image, box=box), expected)
+    assert np.array_equal(three.segment_many([image], [box])[0], expected)
+    assert own.encoder_calls == 3 and two.encoder_calls == three.encoder_calls == 0  # three views, one cache
     assert np.array_equal(own.segment(image, box=box), own.box_mask(logits[:, 0].mean(axis=0), box_px))
-    assert dice(both.segment(image, box=box, points=points), truth) > 0.85
-    assert np.array_equal(both.segment(image, points=points), own.segment(image, points=points))
-    with pytest.raises(ConfigError, match="mirror_weight"):
-        SliceSegmenter(model=model, mirror_weight=1.5)
+    assert dice(two.segment(image, box=box, points=points), truth) > 0.85
+    assert np.array_equal(three.segment(image, points=points), own.segment(image, points=points))
+    with pytest.raises(ConfigError, match="flip_z"):
+        SliceSegmenter(model=model, views="flip_x,flip_z")
 
 
 def test_a_click_reaches_as_far_as_the_mistake_it_points_at():
@@ -383,19 +385,33 @@ def test_clicks_with_a_box_change_its_mask_only_within_their_reach(model):
         SliceSegmenter(model=model, click_reach=0)
 
 
-def test_workers_mirror_prompts_on_a_gpu_unless_told_otherwise(monkeypatch):
-    """``$STS_MIRROR_PROMPTS``: unset → on with a GPU, off on CPU (the second encoder pass would push a
-    first click past 1.5 s on 2 cores); on/off either way; anything else → a ConfigError naming it."""
+def test_workers_take_their_prompt_views_from_the_environment(monkeypatch):
+    """``$STS_PROMPT_VIEWS``: unset → ``DEFAULT_PROMPT_VIEWS`` with a GPU, none on CPU (each view's
+    encoder pass would push a first click past 1.5 s on 2 cores); an on/off word or view names either
+    way; an unknown name → a ConfigError naming the variable. ``$STS_MIRROR_PROMPTS`` (an older
+    .env) still means the mirrored view when the new variable is unset."""
+    monkeypatch.delenv("STS_PROMPT_VIEWS", raising=False)
     monkeypatch.delenv("STS_MIRROR_PROMPTS", raising=False)
-    assert prompt_mirror_weight_from_env(gpu=True) == DEFAULT_PROMPT_MIRROR_WEIGHT > 0
-    assert prompt_mirror_weight_from_env(gpu=False) == 0.0
+    assert DEFAULT_PROMPT_VIEWS and prompt_views_from_env(gpu=True) == tuple(VIEWS[n] for n in DEFAULT_PROMPT_VIEWS)
+    assert prompt_views_from_env(gpu=False) == ()
+    monkeypatch.setenv("STS_PROMPT_VIEWS", "on")
+    assert prompt_views_from_env(gpu=False) == tuple(VIEWS[n] for n in DEFAULT_PROMPT_VIEWS)
+    for off in ["0", "off", "none"]:
+        monkeypatch.setenv("STS_PROMPT_VIEWS", off)
+        assert prompt_views_from_env(gpu=True) == ()
+    monkeypatch.setenv("STS_PROMPT_VIEWS", " transpose, flip_x ,transpose")
+    assert prompt_views_from_env(gpu=False) == (VIEWS["transpose"], MIRRORED)
+    monkeypatch.setenv("STS_PROMPT_VIEWS", "auto")
+    with pytest.raises(ConfigError, match="STS_PROMPT_VIEWS"):
+        prompt_views_from_env(gpu=True)
+    monkeypatch.delenv("STS_PROMPT_VIEWS")
     monkeypatch.setenv("STS_MIRROR_PROMPTS", "on")
-    assert prompt_mirror_weight_from_env(gpu=False) == DEFAULT_PROMPT_MIRROR_WEIGHT
+    assert prompt_views_from_env(gpu=False) == (MIRRORED,)
     monkeypatch.setenv("STS_MIRROR_PROMPTS", "0")
-    assert prompt_mirror_weight_from_env(gpu=True) == 0.0
-    monkeypatch.setenv("STS_MIRROR_PROMPTS", "auto")
+    assert prompt_views_from_env(gpu=True) == ()
+    monkeypatch.setenv("STS_MIRROR_PROMPTS", "maybe")
     with pytest.raises(ConfigError, match="STS_MIRROR_PROMPTS"):
-        prompt_mirror_weight_from_env(gpu=True)
+        prompt_views_from_env(gpu=True)
 
 
 def test_workers_take_their_box_shrinks_from_the_environment(monkeypatch):

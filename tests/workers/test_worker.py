@@ -15,9 +15,15 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def test_worker_switches_report_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("STS_MIRROR_VIEW", raising=False)
-    monkeypatch.setenv("STS_MIRROR_PROMPTS", "on")
+    monkeypatch.setenv("STS_PROMPT_VIEWS", "flip_x,transpose")
     monkeypatch.setenv("STS_WARM_EMBEDDINGS", "off")
-    assert worker_switches() == {"mirror_view": True, "mirror_prompts": True, "warm_embeddings": False}
+    assert worker_switches() == {"mirror_view": True, "prompt_views": "flip_x,transpose", "warm_embeddings": False}
+    monkeypatch.setenv("STS_PROMPT_VIEWS", "off")
+    assert worker_switches()["prompt_views"] == "none"
+    monkeypatch.setenv("STS_PROMPT_VIEWS", "flip_z")
+    with pytest.raises(ConfigError, match="STS_PROMPT_VIEWS"):
+        worker_switches()
+    monkeypatch.setenv("STS_PROMPT_VIEWS", "")
     monkeypatch.setenv("STS_WARM_EMBEDDINGS", "maybe")
     with pytest.raises(ConfigError, match="STS_WARM_EMBEDDINGS"):
         worker_switches()
