@@ -25,6 +25,7 @@ file (``--packed``, what the GPU machine gets). Never try to re-identify anyone.
 
     .venv/bin/python benchmarks/eval_views.py --packed .devdata/ibsi.npz --json views.json   # GPU: ~1 min
     .venv/bin/python benchmarks/eval_views.py --patients 2 --views flip_x,transpose         # CPU smoke run
+    .venv/bin/python benchmarks/eval_views.py --views rot180,antitranspose --cuts=-2,-1,-0.5,0   # the cut
 
 On two CPU cores each view of each slice costs about a second of encoder time (922 slices × 8 views
 ≈ 2 h); a GPU does all of it in about a minute.
@@ -119,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="candidate views (comma-separated workers.slice_views names; default: all seven)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="(b)'s jitter, as eval_segmentation.py")
     parser.add_argument("--batch-size", type=int, default=None, help="slices per encoder call (64 on GPU, 1 on CPU)")
+    parser.add_argument("--cuts", default="", metavar="LOGITS",
+                        help="also score the slice alone and the chosen set cut at each of these logits "
+                             "(comma-separated, e.g. -2,-1.5,-1,-0.5; the cut is chosen on the tuning patients)")
     parser.add_argument("--json", type=Path, default=None, help="write every scored set's figures here")
     args = parser.parse_args(argv)
 
@@ -131,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         views = tuple(VIEWS.values()) if args.views is None else parse_views(args.views, "--views")
-    except ConfigError as exc:
+        cuts = [float(cut) for cut in args.cuts.split(",") if cut.strip()]
+    except (ConfigError, ValueError) as exc:
         parser.error(str(exc))
     from pack_ibsi import dev_patients
 
@@ -156,10 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
 
-    def evaluate(chosen: tuple[int, ...]) -> dict:
-        label = describe(chosen, names)
+    def evaluate(chosen: tuple[int, ...], cut: float | None = None) -> dict:
+        label = describe(chosen, names) + ("" if cut is None else f" cut at {cut:g}")
         if label not in results:
-            per_slice = score(segmenter, records, chosen, pool)
+            cutter = segmenter if cut is None else SliceSegmenter(model=model, box_shrinks=segmenter.box_shrinks,
+                                                                  box_threshold=cut)
+            per_slice = score(cutter, records, chosen, pool)
             row: dict = {"views": [names[i] for i in chosen if i]}
             for half, keep in halves.items():
                 row[half] = {part: float(per_slice[part][keep].mean()) if keep.any() else float("nan")
@@ -171,9 +178,10 @@ def main(argv: list[str] | None = None) -> int:
             results[label] = row
         return results[label]
 
-    def line(chosen: tuple[int, ...]) -> str:
-        row = evaluate(chosen)
-        return (f"  {describe(chosen, names):<58} " + "  ".join(
+    def line(chosen: tuple[int, ...], cut: float | None = None) -> str:
+        row = evaluate(chosen, cut)
+        label = describe(chosen, names) + ("" if cut is None else f" cut at {cut:g}")
+        return (f"  {label:<58} " + "  ".join(
             f"{half} (a) {row[half]['a']:.4f} (b) {row[half]['b']:.4f}" for half in ("tuning", "check", "all")))
 
     print(f"\nslice Dice, mean; tuning = first {TUNING_PATIENTS} patients (n = {halves['tuning'].sum()} slices), "
@@ -208,6 +216,13 @@ def main(argv: list[str] | None = None) -> int:
         gains = [final["per_patient"][part][p] - base["per_patient"][part][p] for p in final["per_patient"][part]]
         print(f"  ({part}) {path[-1]} against the slice alone: better on {sum(g > 0 for g in gains)} patients, "
               f"worse on {sum(g < 0 for g in gains)} (worst {min(gains):+.4f})")
+    if cuts:
+        print(f"cuts (the default is {segmenter.box_cut:g}), chosen on the tuning patients (mean of (a) and (b)):")
+        for candidate in dict.fromkeys([(0,), chosen]):
+            for cut in cuts:
+                print(line(candidate, cut), flush=True)
+            best_cut = max(cuts, key=lambda cut: np.mean([evaluate(candidate, cut)["tuning"][p] for p in PARTS]))
+            print(f"  best cut for {describe(candidate, names)}: {best_cut:g}")
     print(f"recorded in {recorded_s:.0f} s ({segmenter.encoder_calls} encoder runs); "
           f"total {time.perf_counter() - started:.0f} s")
     if args.json is not None:
