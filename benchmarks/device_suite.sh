@@ -10,8 +10,9 @@
 #
 # Stages:
 #   figures  the GPU figures in one call of about 5 min (for a session lent 15 minutes of device
-#            time): throughput with the slice alone and with the mirrored view, click → mask latency
-#            through HTTP + Redis + an RQ worker, and the choice of views for box prompts (eval_views.py)
+#            time): throughput with the slice alone (and its stages) and with the views $VIEWS, click →
+#            mask latency through HTTP + Redis + an RQ worker, and the choice of views and of the cut
+#            for box prompts (eval_views.py)
 #   views_cv the CPU recipe's CV of fine-tuning, (a) and (b) scored with the views $VIEWS as well
 #   cv       throughput + latency (bench_preannotate.py), then 5-fold patient-level CV of fine-tuning the
 #            decoder only and the encoder too (finetune_cv.py); logs and JSON under $OUT
@@ -49,15 +50,16 @@ services() {  # redis-server and the pure-Python service wheels the device lacks
 
 case "$stage" in
 figures)
-    timeout 120 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --latency 50 \
+    timeout 120 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --latency 50 --stages \
         2>&1 | tee "$out/throughput.log"
     timeout 60 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --latency 50 --repeats 2 \
-        --views flip_x 2>&1 | tee "$out/throughput_flip_x.log"
+        --views "${VIEWS:-rot180,antitranspose}" 2>&1 | tee "$out/throughput_views.log"
     if services; then
         timeout 180 "$PYTHON" benchmarks/bench_interactive.py --prepared .devsvc/case --slices "${SLICES:-8}" \
             --repeat "${REPEAT:-10}" 2>&1 | tee "$out/latency.log"
     fi
-    timeout 220 "$PYTHON" benchmarks/eval_views.py --packed "$data" --json "$out/views.json" 2>&1 | tee "$out/views.log"
+    timeout 220 "$PYTHON" benchmarks/eval_views.py --packed "$data" --cuts=-2,-1.5,-1,-0.5,0,0.5 --json "$out/views.json" \
+        2>&1 | tee "$out/views.log"
     ;;
 views_cv)  # the CPU recipe's 5-fold CV, (a) and (b) with $VIEWS averaged into box prompts, on the GPU
     timeout 30 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --repeats 1 --stages \

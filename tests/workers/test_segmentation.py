@@ -196,8 +196,10 @@ def test_second_prompt_on_a_slice_reuses_the_embedding(model):
 
 
 def test_segment_many_matches_one_by_one(model):
+    """Slices of different sizes in one batch (their logits come back in one copy and are split)."""
     segmenter = SliceSegmenter(model=model)
-    items = [ellipse_slice(150, 170, centre=(80 + 5 * i, 70), axes=(30, 22), seed=i) for i in range(2)]
+    items = [ellipse_slice(150 - 30 * i, 170 + 20 * i, centre=(80 + 5 * i, 70), axes=(30, 22), seed=i)
+             for i in range(2)]
     masks = segmenter.segment_many([image for image, _, _ in items], [box for _, _, box in items])
     assert segmenter.encoder_calls == 2
     for (image, truth, box), mask in zip(items, masks, strict=True):
