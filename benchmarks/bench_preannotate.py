@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from core.errors import ConfigError
     from workers.models import load_litemedsam
     from workers.segmentation import EmbeddingCache, SliceSegmenter
-    from workers.slice_views import parse_views, view_names
+    from workers.slice_views import parse_views, view_names, views_label
 
     try:
         views = parse_views(args.views, "--views")
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     best, seconds = min(totals, key=lambda t: t[0])
     scores = [dice(m, t) for m, t in zip(masks, truths, strict=True)]
     print(f"{device}, {model.version}, batch {args.batch_size}, {len(pngs)} tumour slices of {len(patients)} "
-          f"patients, best of {args.repeats}, views: slice{''.join(' + ' + n for n in view_names(views))}")
+          f"patients, best of {args.repeats}, views: {views_label(view_names(views))}")
     print(f"throughput {len(pngs) / best:.1f} slices/s (PNG decode → model → brush RLE; {best:.2f} s)")
     print("  per stage: " + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items()))
     print(f"  sanity: mean Dice {np.mean(scores):.4f} (box + 5 px; eval_segmentation (a) on the same slices)")

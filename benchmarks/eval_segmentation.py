@@ -61,6 +61,7 @@ import dataclasses
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -101,6 +102,18 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def tight_box(mask: np.ndarray, pad: float) -> tuple[float, float, float, float]:
     ys, xs = np.nonzero(mask)
     return (xs.min() - pad, ys.min() - pad, xs.max() + pad, ys.max() + pad)
+
+
+def slice_prompts(mask: np.ndarray, rng: np.random.Generator
+                  ) -> Iterator[tuple[int, np.ndarray, tuple[float, ...], tuple[float, ...]]]:
+    """``(z, truth, box (a), box (b))`` for every slice of ``mask [z, y, x]`` whose tumour area is at
+    least ``DEFAULT_MIN_AREA_PX``: (a) the mask's box + 5 px, (b) + 10 px with each side moved by ±5 px.
+    One jitter is drawn per slice, in order, so every benchmark that shares ``rng``'s seed prompts
+    the same boxes whichever parts it scores."""
+    for z in np.nonzero(mask.reshape(len(mask), -1).sum(1) >= DEFAULT_MIN_AREA_PX)[0]:
+        truth = mask[z]
+        jitter = rng.uniform(-5, 5, 4)
+        yield int(z), truth, tight_box(truth, 5), tuple(np.asarray(tight_box(truth, 10)) + jitter)
 
 
 def deepest_pixel(mask: np.ndarray) -> tuple[float, int, int]:
@@ -162,12 +175,9 @@ def evaluate_slices(segmenter, patients: list[tuple[str, np.ndarray, np.ndarray]
     for name, image, mask in patients:
         started = time.perf_counter()
         per_patient: dict[str, list[float]] = {key: [] for key in keys}
-        for z in np.nonzero(mask.reshape(len(mask), -1).sum(1) >= DEFAULT_MIN_AREA_PX)[0]:
-            truth = mask[z]
-            jitter = rng.uniform(-5, 5, 4)  # drawn for every slice, so (b) does not depend on --parts
+        for z, truth, tight, loose in slice_prompts(mask, rng):
             if "a" in parts:
-                per_patient["a"].append(dice(segmenter.segment(image[z], box=tight_box(truth, 5)), truth))
-            loose = tuple(np.asarray(tight_box(truth, 10)) + jitter)
+                per_patient["a"].append(dice(segmenter.segment(image[z], box=tight), truth))
             if "b" in parts or "f" in parts:
                 result = segmenter.segment(image[z], box=loose)
                 if "b" in parts:
@@ -326,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--views", default=None, metavar="NAMES",
                         help="(a), (b), (f): other views of the slice averaged into each box prompt (comma-separated "
                              "workers.slice_views names, e.g. flip_x; 'none': the slice alone; default: as the "
-                             "workers on this device, $STS_PROMPT_VIEWS or flip_x with a GPU)")
+                             "workers on this device: $STS_PROMPT_VIEWS, else DEFAULT_PROMPT_VIEWS with a GPU)")
     parser.add_argument("--click-reach", default=None, metavar="FACTOR",
                         help="(f): how far a click given with a box reaches, × its distance from the mask's edge "
                              "(default: DEFAULT_CLICK_REACH; 'none': everywhere, as LiteMedSAM decodes it)")
@@ -347,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         parse_box_shrinks,
         prompt_views_from_env,
     )
-    from workers.slice_views import parse_views, view_names
+    from workers.slice_views import parse_views, view_names, views_label
 
     torch.set_num_threads(2)
     folders = sorted(p for p in args.data_dir.glob("STS_*") if p.is_dir())[: args.patients]
@@ -388,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     print(f"box prompts averaged with the box shrunk by {shrinks or 'nothing'} px, cut at logit "
-          f"{segmenter.box_cut:g}; views: slice{''.join(' + ' + n for n in view_names(segmenter.views))}; "
+          f"{segmenter.box_cut:g}; views: {views_label(view_names(segmenter.views))}; "
           "clicks with a box reach "
           f"{segmenter.click_reach or 'everywhere'}", flush=True)
     if args.crop:

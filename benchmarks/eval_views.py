@@ -49,7 +49,7 @@ for entry in (REPO_ROOT, REPO_ROOT / "benchmarks"):
     if str(entry) not in sys.path:
         sys.path.insert(0, str(entry))
 
-from eval_segmentation import DEFAULT_DATA_DIR, DEFAULT_MIN_AREA_PX, DEFAULT_SEED, dice, tight_box  # noqa: E402
+from eval_segmentation import DEFAULT_DATA_DIR, DEFAULT_SEED, dice, slice_prompts  # noqa: E402
 
 TUNING_PATIENTS = 12
 """The first 12 patients (sorted by name) choose; the other 13 check, as in earlier sessions."""
@@ -68,8 +68,8 @@ class SliceRecord:
 
 
 def record_slices(segmenter, patients, views, seed: int, batch_size: int) -> list[SliceRecord]:
-    """Decode (a) and (b) on each slice and on each of ``views``; the jitter of (b) is drawn per
-    slice in the order ``eval_segmentation.evaluate_slices`` draws it, so the boxes are the same."""
+    """Decode (a) and (b) on each slice and on each of ``views``; ``slice_prompts`` draws the boxes,
+    so with the same seed they are ``eval_segmentation.py``'s."""
     from workers.segmentation import check_box
 
     rng = np.random.default_rng(seed)
@@ -77,12 +77,10 @@ def record_slices(segmenter, patients, views, seed: int, batch_size: int) -> lis
     for name, image, mask in patients:
         started = time.perf_counter()
         arrays, mine = [], []
-        for z in np.nonzero(mask.reshape(len(mask), -1).sum(1) >= DEFAULT_MIN_AREA_PX)[0]:
-            truth = mask[z]
-            jitter = rng.uniform(-5, 5, 4)
-            boxes = {"a": tight_box(truth, 5), "b": tuple(np.asarray(tight_box(truth, 10)) + jitter)}
+        for z, truth, tight, loose in slice_prompts(mask, rng):
             arrays.append(image[z])
-            mine.append(SliceRecord(name, truth, {p: check_box(b, truth.shape) for p, b in boxes.items()}))
+            boxes = {"a": check_box(tight, truth.shape), "b": check_box(loose, truth.shape)}
+            mine.append(SliceRecord(name, truth, boxes))
         for part in PARTS:
             boxes = [record.boxes[part] for record in mine]
             per_view = [segmenter.box_logits_many(arrays, boxes, batch_size, view) for view in (None, *views)]
@@ -107,8 +105,11 @@ def score(segmenter, records: list[SliceRecord], chosen: tuple[int, ...], pool: 
     return {part: pairs[:, i] for i, part in enumerate(PARTS)}
 
 
-def describe(chosen: tuple[int, ...], names: list[str]) -> str:
-    return "slice" + "".join(" + " + names[i] for i in chosen if i)
+def describe(chosen: tuple[int, ...], names: list[str], cut: float | None = None) -> str:
+    """A set of view indices (0 = the slice) by name, and its cut when it is not the default."""
+    from workers.slice_views import views_label
+
+    return views_label(names[i] for i in chosen if i) + ("" if cut is None else f" cut at {cut:g}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
 
     def evaluate(chosen: tuple[int, ...], cut: float | None = None) -> dict:
-        label = describe(chosen, names) + ("" if cut is None else f" cut at {cut:g}")
+        label = describe(chosen, names, cut)
         if label not in results:
             cutter = segmenter if cut is None else SliceSegmenter(model=model, box_shrinks=segmenter.box_shrinks,
                                                                   box_threshold=cut)
@@ -180,8 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def line(chosen: tuple[int, ...], cut: float | None = None) -> str:
         row = evaluate(chosen, cut)
-        label = describe(chosen, names) + ("" if cut is None else f" cut at {cut:g}")
-        return (f"  {label:<58} " + "  ".join(
+        return (f"  {describe(chosen, names, cut):<58} " + "  ".join(
             f"{half} (a) {row[half]['a']:.4f} (b) {row[half]['b']:.4f}" for half in ("tuning", "check", "all")))
 
     print(f"\nslice Dice, mean; tuning = first {TUNING_PATIENTS} patients (n = {halves['tuning'].sum()} slices), "

@@ -55,7 +55,7 @@ from eval_segmentation import (  # noqa: E402
     inner_point,
     naive_chain,
     read_patient,
-    tight_box,
+    slice_prompts,
 )
 
 MARGIN_SLICES = 3
@@ -127,11 +127,8 @@ def evaluate(segmenter, patients, seed: int, propagation=None, propagate_too: bo
     rng = np.random.default_rng(seed)
     scores: dict[str, list[float]] = {"a": [], "b": [], "d": [], "d0": []} if propagate_too else {"a": [], "b": []}
     for _, image, mask in patients:
-        for z in np.nonzero(mask.reshape(len(mask), -1).sum(1) >= DEFAULT_MIN_AREA_PX)[0]:
-            truth = mask[z]
-            jitter = rng.uniform(-5, 5, 4)
-            scores["a"].append(dice(segmenter.segment(image[z], box=tight_box(truth, 5)), truth))
-            loose = tuple(np.asarray(tight_box(truth, 10)) + jitter)
+        for z, truth, tight, loose in slice_prompts(mask, rng):
+            scores["a"].append(dice(segmenter.segment(image[z], box=tight), truth))
             scores["b"].append(dice(segmenter.segment(image[z], box=loose), truth))
         if not propagate_too:
             continue

@@ -14,7 +14,7 @@ first and transposes last; ``back`` undoes both in the reverse order, so any com
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,3 +119,8 @@ def parse_views(raw: str, source: str = "views") -> tuple[SliceView, ...]:
 def view_names(views: Sequence[SliceView]) -> list[str]:
     """Names of ``views`` (for logs, job results and benchmark headers)."""
     return [view.name for view in views]
+
+
+def views_label(names: Iterable[str]) -> str:
+    """'slice + rot180 + ...': what a prompt averages, for benchmark headers and tables."""
+    return "slice" + "".join(f" + {name}" for name in names)
