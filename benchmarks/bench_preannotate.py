@@ -19,6 +19,7 @@ what GPU workers do for prompts by default): each slice goes through the encoder
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -53,26 +54,27 @@ def tumour_slices(patients, limit: int | None) -> tuple[list[bytes], list[np.nda
 
 
 def run(segmenter, pngs: list[bytes], boxes: list[tuple], batch_size: int) -> tuple[list[np.ndarray], dict]:
-    """One pass; returns the masks and the seconds spent per stage."""
-    from core.brush_rle import mask_to_brush_result
+    """One pass, as a worker would do it for a case: PNGs decoded on threads, then ``segment_many``
+    with the brush RLE as its ``finish`` (on its helper threads, overlapped with the GPU); returns the
+    masks (decoded back from the RLE, for the Dice check) and the seconds spent per stage."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    seconds = {"png": 0.0, "model": 0.0, "rle": 0.0}
-    masks = []
-    for start in range(0, len(pngs), batch_size):
-        t0 = time.perf_counter()
-        chunk_pngs = pngs[start : start + batch_size]
-        images = [cv2.imdecode(np.frombuffer(p, np.uint8), cv2.IMREAD_UNCHANGED) for p in chunk_pngs]
-        t1 = time.perf_counter()
-        chunk = segmenter.segment_many(images, boxes[start : start + batch_size], batch_size=batch_size)
-        t2 = time.perf_counter()
-        for mask in chunk:
-            mask_to_brush_result(mask, from_name="tumor", to_name="image", label="Tumor")
-        t3 = time.perf_counter()
-        seconds["png"] += t1 - t0
-        seconds["model"] += t2 - t1
-        seconds["rle"] += t3 - t2
-        masks.extend(chunk)
-    return masks, seconds
+    from core.brush_rle import brush_result_to_mask, mask_to_brush_result
+
+    def decode(png: bytes) -> np.ndarray:
+        return cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+
+    def encode(mask: np.ndarray) -> dict:
+        return mask_to_brush_result(mask, from_name="tumor", to_name="image", label="Tumor")
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(4) as pool:
+        images = list(pool.map(decode, pngs))
+    t1 = time.perf_counter()
+    results = segmenter.segment_many(images, boxes, batch_size=batch_size, finish=encode)
+    t2 = time.perf_counter()
+    masks = [brush_result_to_mask(result, *image.shape) for result, image in zip(results, images, strict=True)]
+    return masks, {"png": t1 - t0, "model + RLE": t2 - t1}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", action="store_true",
                         help="also time the model's stages apart: image encoder, decoder (embeddings cached), "
                              "post-processing (cut, components, holes)")
+    parser.add_argument("--bf16-decoder", action="store_true",
+                        help="an experiment: the mask decoder under bfloat16 autocast too (CUDA; the encoder "
+                             "always is); the Dice printed shows what it costs")
     parser.add_argument("--latency", type=int, default=0, metavar="N",
                         help="also time N single-slice calls, first and with the embedding cached (in-process)")
     args = parser.parse_args(argv)
@@ -109,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     pngs, truths, boxes = tumour_slices(patients, args.limit)
     model = load_litemedsam()
     device = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    if args.bf16_decoder and model.device.type == "cuda":  # for the rest of the run, on this thread
+        bf16 = contextlib.ExitStack()
+        bf16.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
     warm = SliceSegmenter(model=model, cache=EmbeddingCache(1), views=views)
     run(warm, pngs[: args.batch_size], boxes[: args.batch_size], args.batch_size)  # kernels, autotuning
     totals = []
@@ -125,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     best, seconds = min(totals, key=lambda t: t[0])
     scores = [dice(m, t) for m, t in zip(masks, truths, strict=True)]
     print(f"{device}, {model.version}, batch {args.batch_size}, {len(pngs)} tumour slices of {len(patients)} "
-          f"patients, best of {args.repeats}, views: {views_label(view_names(views))}")
+          f"patients, best of {args.repeats}, views: {views_label(view_names(views))}"
+          + (", decoder in bfloat16" if args.bf16_decoder else ""))
     print(f"throughput {len(pngs) / best:.1f} slices/s (PNG decode → model → brush RLE; {best:.2f} s)")
     print("  per stage: " + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items()))
     print(f"  sanity: mean Dice {np.mean(scores):.4f} (box + 5 px; eval_segmentation (a) on the same slices)")

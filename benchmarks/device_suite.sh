@@ -9,10 +9,11 @@
 #   run(command="bash benchmarks/device_suite.sh latency", carry=[".whl", ".devsvc"])
 #
 # Stages:
-#   figures  the GPU figures in one call of about 5 min (for a session lent 15 minutes of device
-#            time): throughput with the slice alone (and its stages) and with the views $VIEWS, click →
-#            mask latency through HTTP + Redis + an RQ worker, and the choice of views and of the cut
-#            for box prompts (eval_views.py)
+#   figures  the GPU figures in one call of about 3 min (for a session lent 15 minutes of device
+#            time): throughput with the slice alone (and its stages), with the views $VIEWS and with the
+#            decoder in bfloat16 too, then click → mask latency through HTTP + Redis + an RQ worker
+#   views    the choice of views and of the cut for box prompts (eval_views.py), about 4 min
+#   encoder_cv  5-fold CV of fine-tuning the image encoder with the decoder, scored with $VIEWS, ~5 min
 #   views_cv the CPU recipe's CV of fine-tuning, (a) and (b) scored with the views $VIEWS as well
 #   cv       throughput + latency (bench_preannotate.py), then 5-fold patient-level CV of fine-tuning the
 #            decoder only and the encoder too (finetune_cv.py); logs and JSON under $OUT
@@ -54,12 +55,23 @@ figures)
         2>&1 | tee "$out/throughput.log"
     timeout 60 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --latency 50 --repeats 2 \
         --views "${VIEWS:-rot180,antitranspose}" 2>&1 | tee "$out/throughput_views.log"
+    timeout 60 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --repeats 2 --bf16-decoder \
+        2>&1 | tee "$out/throughput_bf16_decoder.log"
     if services; then
         timeout 180 "$PYTHON" benchmarks/bench_interactive.py --prepared .devsvc/case --slices "${SLICES:-8}" \
             --repeat "${REPEAT:-10}" 2>&1 | tee "$out/latency.log"
     fi
+    ;;
+views)  # the choice of views and of the cut for box prompts
     timeout 220 "$PYTHON" benchmarks/eval_views.py --packed "$data" --cuts=-2,-1.5,-1,-0.5,0,0.5 --json "$out/views.json" \
         2>&1 | tee "$out/views.log"
+    ;;
+encoder_cv)  # 5-fold CV of fine-tuning the image encoder too, (a) and (b) with $VIEWS, in about 5 min
+    timeout "${CV_TIMEOUT:-300}" "$PYTHON" benchmarks/finetune_cv.py --packed "$data" --train-encoder \
+        --max-samples "${SAMPLES:-1600}" --epochs "${CV_EPOCHS:-4}" --lr "${CV_LR:-2e-4}" --batch-size "$BATCH" \
+        --train-box-shrinks "${TRAIN_SHRINKS:-2,4,6}" --views "${VIEWS:-rot180,antitranspose}" --no-propagation \
+        --embedding-dir /tmp/sts-embeddings --json "$out/cv_encoder.json" 2>&1 | tr "\r" "\n" \
+        | grep -v "s/step\|step/s" | tee "$out/cv_encoder.log"
     ;;
 views_cv)  # the CPU recipe's 5-fold CV, (a) and (b) with $VIEWS averaged into box prompts, on the GPU
     timeout 30 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --repeats 1 --stages \
@@ -94,5 +106,5 @@ latency)
         2>&1 | tee "$out/latency.log"
     ;;
 *)
-    echo "unknown stage $stage (figures | views_cv | cv | final | latency)"; exit 2 ;;
+    echo "unknown stage $stage (figures | views | views_cv | encoder_cv | cv | final | latency)"; exit 2 ;;
 esac

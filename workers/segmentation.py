@@ -24,7 +24,8 @@ import os
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ import torch
 from core.errors import ConfigError, InputError, ProjectError
 from core.settings import FLAG_OFF, FLAG_ON, env_flag
 from workers.models.litemedsam import LiteMedSAM, ModelFrame, load_litemedsam, mask_prompt_logits, preprocess_slice
-from workers.slice_views import MIRRORED, VIEWS, SliceView, parse_views
+from workers.slice_views import MIRRORED, VIEWS, ArrayT, SliceView, parse_views
 
 DEFAULT_EMBEDDING_CACHE_SIZE = 256
 """Image embeddings kept per process (float16, 2 MiB each: 512 MiB at most); a few cases' slices."""
@@ -499,29 +500,47 @@ class SliceSegmenter:
         On CPU one slice at a time: TinyViT took 1056 ms per slice alone against 1703 ms per slice
         in batches of 8 (2 cores, in-process p50), its activations outgrowing the caches.
         """
+        prepared = [self.prepare(image)[1:] for image in images]
+        found = self._embeddings([(model_input, key) for model_input, _, key in prepared], batch_size)
+        return [EmbeddedSlice(found[key], frame, key) for _, frame, key in prepared]
+
+    def _embeddings(self, inputs: Sequence[tuple[np.ndarray, str]], batch_size: int,
+                    on_device: bool = False) -> dict[str, torch.Tensor]:
+        """Key → embedding ``[1, 256, 64, 64]`` of each ``(network input, key)``: from the cache, else
+        through the encoder ``batch_size`` at a time (1 on CPU), and cached.
+
+        The host holds the cache; ``on_device`` returns the embeddings on the model's device (float32,
+        rounded through float16 as the cache stores them, so the masks are the ones a cached
+        embedding gives): batched pre-annotation then decodes the encoder's output where it lies
+        instead of copying 2 MiB per slice to the host and back.
+        """
         if self.model.device.type == "cpu":
             batch_size = 1
-        prepared = [self.prepare(image)[1:] for image in images]
+        device = self.model.device
         found: dict[str, torch.Tensor] = {}
         missing: dict[str, np.ndarray] = {}
-        for model_input, _, key in prepared:
-            cached = self.cache.get(key) if key not in found else found[key]
+        for model_input, key in inputs:
+            if key in found or key in missing:
+                continue
+            cached = self.cache.get(key)
             if cached is not None:
-                found[key] = cached
+                found[key] = cached.to(device, torch.float32) if on_device else cached
             else:
                 missing[key] = model_input
         keys = list(missing)
         for start in range(0, len(keys), batch_size):
             chunk = keys[start : start + batch_size]
-            batch = torch.from_numpy(np.stack([missing[k] for k in chunk]))[:, None].expand(-1, 3, -1, -1)
+            batch = torch.from_numpy(np.stack([missing[k] for k in chunk]))[:, None]
             with torch.inference_mode():
+                embeddings = self.model.embed(batch).to(torch.float16)
                 # one device-to-host copy per batch: a copy per slice waited on the GPU each time and
                 # held a batch of 64 to 218 slices/s on an H200, against 486 for the encoder alone
-                embeddings = self.model.embed(batch).to("cpu", torch.float16)
+                on_host = embeddings.cpu()
             self.encoder_calls += len(chunk)
-            for key, embedding in zip(chunk, embeddings, strict=True):
-                found[key] = self.cache.put(key, embedding.clone())  # not a view that keeps the batch alive
-        return [EmbeddedSlice(found[key], frame, key) for _, frame, key in prepared]
+            for index, key in enumerate(chunk):
+                stored = self.cache.put(key, on_host[index].clone())  # not a view that keeps the batch alive
+                found[key] = embeddings[index : index + 1].float() if on_device else stored
+        return found
 
     # --------------------------------------------------------------------------------- decoding
 
@@ -617,8 +636,11 @@ class SliceSegmenter:
         return self.postprocess(average_logits - self.box_cut, box)
 
     def postprocess(self, logits: np.ndarray, box: np.ndarray | None) -> np.ndarray:
-        """Threshold at 0 (probability 0.5), fill holes, drop components away from the box."""
-        mask = logits > 0
+        """Threshold at 0 (probability 0.5), then ``clean``."""
+        return self.clean(logits > 0, box)
+
+    def clean(self, mask: np.ndarray, box: np.ndarray | None) -> np.ndarray:
+        """Drop components away from the box, fill holes."""
         if not mask.any():
             return mask
         if box is not None and self.box_keep_margin is not None:
@@ -667,12 +689,22 @@ class SliceSegmenter:
         best = int(np.argmax(iou[:, 0]))
         return self.postprocess(logits[best, 0], boxes[best])
 
-    def segment_many(self, images: Sequence[Any], boxes: Sequence[Any], batch_size: int = 64) -> list[np.ndarray]:
+    def segment_many(self, images: Sequence[Any], boxes: Sequence[Any], batch_size: int = 64,
+                     finish: Callable[[np.ndarray], Any] | None = None,
+                     helper_threads: int | None = None) -> list[Any]:
         """Box-prompted masks for many slices at once (GPU pre-annotation).
 
-        The encoder and the decoder both run on ``batch_size`` slices per call; the masks are the
-        same as ``segment`` gives one slice at a time (with ``views``, each view of the slices goes
-        through the encoder and the decoder as a batch of its own: one more slice's time per view).
+        The masks are the ones ``segment`` gives one slice at a time. The encoder and the decoder
+        run on ``batch_size`` slices per call (with ``views``, each view's slices are a batch of their
+        own: one more encoder pass per view); the views' logits are averaged and cut where they were
+        computed, so one byte per pixel comes back to the host. On a GPU the host's share (the
+        slices' network inputs and keys, the post-processing and ``finish``, e.g. the brush RLE) runs
+        on helper threads, overlapped with the GPU's work on the next or previous batch.
+
+        Args:
+            finish: applied to each mask on a helper thread; its results are returned instead.
+            helper_threads: default 2 on a GPU, 0 on CPU (the encoder takes every core there, helpers
+                would only compete with it; 0 runs the host's share in turn on the calling thread).
         """
         if len(images) != len(boxes):
             raise InputError(f"segment_many needs one box per image, got {len(images)} images, {len(boxes)} boxes")
@@ -681,14 +713,34 @@ class SliceSegmenter:
         for index, box in enumerate(checked):
             if box is None:
                 raise InputError(f"segment_many: image {index} has no box")
-        masks: list[np.ndarray] = []
-        for start in range(0, len(arrays), batch_size):
-            chunk_arrays = arrays[start : start + batch_size]
-            chunk = checked[start : start + batch_size]
-            per_view = [self.box_logits_many(chunk_arrays, chunk, batch_size, view) for view in (None, *self.views)]
-            logits = [average_views(views) for views in zip(*per_view, strict=True)]
-            masks.extend(self.box_mask(item_logits, box) for item_logits, box in zip(logits, chunk, strict=True))
-        return masks
+        chunks = [range(start, min(start + batch_size, len(arrays))) for start in range(0, len(arrays), batch_size)]
+        views = (None, *self.views)
+
+        def prepare(chunk: range) -> list[list[tuple[np.ndarray, ModelFrame, str]]]:
+            return [[self.prepare(arrays[i] if view is None else view.image(arrays[i]))[1:] for i in chunk]
+                    for view in views]
+
+        def post(chunk: range, masks: list[np.ndarray]) -> list[Any]:
+            cleaned = [self.clean(mask, checked[i]) for i, mask in zip(chunk, masks, strict=True)]
+            return cleaned if finish is None else [finish(mask) for mask in cleaned]
+
+        if helper_threads is None:
+            helper_threads = 2 if self.model.device.type == "cuda" else 0
+        with ThreadPoolExecutor(helper_threads) if helper_threads > 0 else _InlineExecutor() as helpers:
+            if not chunks:
+                return []
+            prepared = helpers.submit(prepare, chunks[0])
+            finished = []
+            for number, chunk in enumerate(chunks):
+                inputs = prepared.result()
+                if number + 1 < len(chunks):
+                    prepared = helpers.submit(prepare, chunks[number + 1])
+                per_view = [self._box_logits_on_device([arrays[i] for i in chunk], [checked[i] for i in chunk],
+                                                       view_inputs, batch_size, view)
+                            for view, view_inputs in zip(views, inputs, strict=True)]
+                masks = [average_views(list(logits)) - self.box_cut > 0 for logits in zip(*per_view, strict=True)]
+                finished.append(helpers.submit(post, chunk, _to_host(masks)))
+            return [item for future in finished for item in future.result()]
 
     def box_logits_many(self, arrays: Sequence[np.ndarray], boxes: Sequence[np.ndarray],
                         batch_size: int = 64, view: SliceView | None = None) -> list[np.ndarray]:
@@ -696,36 +748,72 @@ class SliceSegmenter:
         shrunk boxes, in one decoder call; with ``view``, decoded on that view of each slice and
         mapped back onto the slice's grid (``segment_many`` averages the views; the benchmarks keep
         them apart to choose among them)."""
-        if view is not None:
-            seen = self.box_logits_many([view.image(array) for array in arrays],
-                                        [view.boxes(box, array.shape)[0] for array, box in
-                                         zip(arrays, boxes, strict=True)], batch_size)
-            return [view.back(item) for item in seen]
+        inputs = [self.prepare(array if view is None else view.image(array))[1:] for array in arrays]
+        return _to_host(self._box_logits_on_device(arrays, boxes, inputs, batch_size, view))
+
+    def _box_logits_on_device(self, arrays: Sequence[np.ndarray], boxes: Sequence[np.ndarray],
+                              inputs: Sequence[tuple[np.ndarray, ModelFrame, str]], batch_size: int,
+                              view: SliceView | None) -> list[torch.Tensor]:
+        """``box_logits_many`` left on the model's device; ``inputs`` are ``prepare``'s network input,
+        frame and key of each slice's view."""
         device = self.model.device
         per_slice = 1 + len(self.box_shrinks)
-        embedded = self.embed_many(arrays, batch_size=batch_size)
-        embeddings = torch.cat([item.embedding.reshape(1, 256, 64, 64) for item in embedded]).to(device)
-        model_boxes = np.concatenate([
-            item.frame.to_model(shrunk_boxes(box, self.box_shrinks)) for item, box in zip(embedded, boxes, strict=True)
-        ])
+        found = self._embeddings([(model_input, key) for model_input, _, key in inputs], batch_size, on_device=True)
+        embeddings = torch.cat([found[key] for _, _, key in inputs])
+        if view is not None:
+            boxes = [view.boxes(box, array.shape)[0] for array, box in zip(arrays, boxes, strict=True)]
+        model_boxes = np.concatenate([frame.to_model(shrunk_boxes(box, self.box_shrinks))
+                                      for (_, frame, _), box in zip(inputs, boxes, strict=True)])
         with torch.inference_mode():
             logits, _ = self.model.decode_many(
-                embeddings.float().repeat_interleave(per_slice, dim=0), torch.from_numpy(model_boxes).to(device)
+                embeddings.repeat_interleave(per_slice, dim=0), torch.from_numpy(model_boxes).to(device)
             )
-        logits = logits.float().reshape(len(boxes), per_slice, *logits.shape[-2:]).mean(dim=1, keepdim=True)
-        on_grid = [item.frame.logits_to_image(item_logits[None])[0, 0]
-                   for item, item_logits in zip(embedded, logits, strict=True)]
-        # slices differ in size: one flat device-to-host copy for the batch, then split on the host
-        # (on CPU the same path, so that the tests run it)
-        flat = torch.cat([item.reshape(-1) for item in on_grid]).cpu().numpy()
-        ends = np.cumsum([item.numel() for item in on_grid])
-        return [flat[end - item.numel() : end].reshape(item.shape) for item, end in zip(on_grid, ends, strict=True)]
+            logits = logits.float().reshape(len(boxes), per_slice, *logits.shape[-2:]).mean(dim=1, keepdim=True)
+            on_grid: list[torch.Tensor | None] = [None] * len(inputs)
+            by_frame: dict[ModelFrame, list[int]] = {}
+            for index, (_, frame, _) in enumerate(inputs):
+                by_frame.setdefault(frame, []).append(index)
+            for frame, indices in by_frame.items():  # one resize per slice size: a case's slices share one
+                resized = frame.logits_to_image(logits[indices])[:, 0]
+                for index, item in zip(indices, resized, strict=True):
+                    on_grid[index] = item if view is None else view.back(item)
+        return on_grid
 
 
-def average_views(logits: Sequence[np.ndarray]) -> np.ndarray:
-    """The mean of one prompt's logits ``[H, W]`` on each view of its slice (all on the slice's grid),
-    with equal weights: what ``segment`` and ``segment_many`` both cut."""
-    return logits[0] if len(logits) == 1 else np.mean(np.stack(logits), axis=0)
+class _InlineExecutor:
+    """``ThreadPoolExecutor``'s ``submit`` run at once on the calling thread (CPU workers)."""
+
+    def __enter__(self) -> _InlineExecutor:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args))
+        return future
+
+
+def _to_host(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    """Tensors of different shapes → numpy arrays, in ONE device-to-host copy (a copy per tensor
+    waits on the GPU each time); on CPU the same path, so that the tests run it."""
+    if not tensors:
+        return []
+    flat = torch.cat([item.reshape(-1) for item in tensors]).cpu().numpy()
+    ends = np.cumsum([item.numel() for item in tensors])
+    return [flat[end - item.numel() : end].reshape(item.shape) for item, end in zip(tensors, ends, strict=True)]
+
+
+def average_views(logits: Sequence[ArrayT]) -> ArrayT:
+    """The mean of one prompt's logits ``[H, W]`` on each view of its slice (all on the slice's grid;
+    numpy arrays, or tensors on the GPU), with equal weights: what ``segment`` and ``segment_many``
+    both cut. Summed in order, then divided, in either library, so that both give the same mask."""
+    if len(logits) == 1:
+        return logits[0]
+    if isinstance(logits[0], torch.Tensor):
+        return torch.stack(list(logits)).sum(dim=0) / len(logits)
+    return np.stack(logits).sum(axis=0) / len(logits)
 
 
 def blend_views(own: np.ndarray, mirrored: np.ndarray, weight: float) -> np.ndarray:

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
+import torch
 
 from core.errors import ConfigError
+
+ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,13 @@ class SliceView:
         view = image[..., ::-1 if self.flip_y else 1, ::-1 if self.flip_x else 1]
         return np.ascontiguousarray(np.swapaxes(view, -1, -2) if self.transpose else view)
 
-    def back(self, logits: np.ndarray) -> np.ndarray:
-        """Per-pixel values ``[..., h, w]`` on the view → the same on the slice's grid."""
+    def back(self, logits: ArrayT) -> ArrayT:
+        """Per-pixel values ``[..., h, w]`` on the view → the same on the slice's grid (a numpy array,
+        or a torch tensor where it lies: batched pre-annotation averages the views on the GPU)."""
+        if isinstance(logits, torch.Tensor):
+            out = logits.transpose(-1, -2) if self.transpose else logits
+            dims = [dim for dim, flipped in ((-2, self.flip_y), (-1, self.flip_x)) if flipped]
+            return torch.flip(out, dims) if dims else out
         out = np.swapaxes(logits, -1, -2) if self.transpose else logits
         return np.ascontiguousarray(out[..., ::-1 if self.flip_y else 1, ::-1 if self.flip_x else 1])
 

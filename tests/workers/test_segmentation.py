@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
+from core.brush_rle import brush_result_to_mask, mask_to_brush_result
 from core.case_store import sha256_file
 from core.errors import ConfigError, InputError, ProjectError
 from workers.models.litemedsam import (
@@ -195,17 +196,25 @@ def test_second_prompt_on_a_slice_reuses_the_embedding(model):
     assert segmenter.encoder_calls == 1 and segmenter.cache.hits == 2
 
 
-def test_segment_many_matches_one_by_one(model):
-    """Slices of different sizes in one batch (their logits come back in one copy and are split)."""
+@pytest.mark.parametrize("helper_threads", [0, 2])
+def test_segment_many_matches_one_by_one(model, helper_threads):
+    """Slices of different sizes in one batch (their logits come back in one copy and are split), in
+    two batches (the next one prepared on a helper thread while the first is decoded), with the brush
+    RLE as ``finish``: the same masks as one ``segment`` call per slice, in order."""
     segmenter = SliceSegmenter(model=model)
-    items = [ellipse_slice(150 - 30 * i, 170 + 20 * i, centre=(80 + 5 * i, 70), axes=(30, 22), seed=i)
-             for i in range(2)]
-    masks = segmenter.segment_many([image for image, _, _ in items], [box for _, _, box in items])
-    assert segmenter.encoder_calls == 2
-    for (image, truth, box), mask in zip(items, masks, strict=True):
+    items = [ellipse_slice(150 - 30 * (i % 2), 170 + 20 * (i % 2), centre=(80 + 5 * i, 70), axes=(30, 22), seed=i)
+             for i in range(3)]
+    images, boxes = [image for image, _, _ in items], [box for _, _, box in items]
+    results = segmenter.segment_many(images, boxes, batch_size=2, helper_threads=helper_threads,
+                                     finish=lambda mask: mask_to_brush_result(mask, from_name="tumor", to_name="image",
+                                                                                label="Tumor"))
+    assert segmenter.encoder_calls == 3
+    for (image, truth, box), result in zip(items, results, strict=True):
+        mask = brush_result_to_mask(result, *image.shape)
         assert np.array_equal(mask, segmenter.segment(image, box=box))
         assert dice(mask, truth) > 0.8
-    assert segmenter.encoder_calls == 2
+    assert segmenter.encoder_calls == 3
+    assert segmenter.segment_many([], [], helper_threads=helper_threads) == []
 
 
 def test_the_shrunk_box_average_is_cut_at_the_box_threshold_and_a_lone_box_at_zero(model):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from core.errors import ConfigError
 from workers.slice_views import MIRRORED, VIEWS, SliceView, parse_views, view_names
@@ -69,3 +70,10 @@ def test_view_names_parse_strictly() -> None:
     assert view_names(parse_views("ROT90")) == ["rot90"]
     with pytest.raises(ConfigError, match=r"--views: unknown view\(s\) 'flip_z'.*flip_x"):
         parse_views("flip_x,flip_z", "--views")
+
+
+@pytest.mark.parametrize("view", list(VIEWS.values()), ids=list(VIEWS))
+def test_logits_come_back_alike_from_numpy_and_torch(view: SliceView) -> None:
+    """Batched pre-annotation maps the views' logits back on the GPU: the same pixels as numpy's."""
+    logits = np.random.default_rng(1).normal(size=(2, 5, 7)).astype(np.float32)
+    assert np.array_equal(view.back(torch.from_numpy(logits)).numpy(), view.back(logits))

@@ -162,12 +162,17 @@ class LiteMedSAM(nn.Module):
         return next(self.parameters()).device
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, 256, 256]`` float in [0, 1] → image embeddings ``[B, 256, 64, 64]`` (float32).
+        """``[B, 3, 256, 256]`` (or ``[B, 1, 256, 256]``, the one channel repeated three times on the
+        device: a third of the host-to-device copy) float in [0, 1] → image embeddings
+        ``[B, 256, 64, 64]`` (float32).
 
         On CUDA the encoder runs under bfloat16 autocast (faster, and TinyViT's LayerNorm/softmax are
         kept in float32 by autocast); on CPU it runs in float32, since CPU autocast is slower there.
         """
-        images = images.to(self.device, torch.float32).contiguous(memory_format=torch.channels_last)
+        images = images.to(self.device, torch.float32)
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        images = images.contiguous(memory_format=torch.channels_last)
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         )
