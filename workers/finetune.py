@@ -228,6 +228,7 @@ def decode_batch(
     logits, iou = model.decode_many(embeddings[owner], flat, **extra)
     if len(owner) == b:
         return logits, iou
+    logits, iou = logits.float(), iou.float()  # under CUDA autocast some come back in bfloat16, some not
     scale = 1 / counts.to(logits.dtype)
     mean_logits = logits.new_zeros((b, *logits.shape[1:])).index_add(0, owner, logits * scale[owner, None, None, None])
     return mean_logits, iou.new_zeros((b, iou.shape[1])).index_add(0, owner, iou * scale[owner, None])
