@@ -19,7 +19,6 @@ what GPU workers do for prompts by default): each slice goes through the encoder
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from pathlib import Path
@@ -90,9 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", action="store_true",
                         help="also time the model's stages apart: image encoder, decoder (embeddings cached), "
                              "post-processing (cut, components, holes)")
-    parser.add_argument("--bf16-decoder", action="store_true",
-                        help="an experiment: the mask decoder under bfloat16 autocast too (CUDA; the encoder "
-                             "always is); the Dice printed shows what it costs")
+    parser.add_argument("--fp32-decoder", action="store_true",
+                        help="the mask decoder in float32 (on CUDA it runs under bfloat16 autocast, "
+                             "workers.segmentation.BATCHED_DECODER_BF16), to compare speed and Dice")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also profile one more pass (cProfile) and print its N most expensive functions")
     parser.add_argument("--latency", type=int, default=0, metavar="N",
                         help="also time N single-slice calls, first and with the embedding cached (in-process)")
     args = parser.parse_args(argv)
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from core.errors import ConfigError
+    from workers import segmentation
     from workers.models import load_litemedsam
     from workers.segmentation import EmbeddingCache, SliceSegmenter
     from workers.slice_views import parse_views, view_names, views_label
@@ -114,9 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     pngs, truths, boxes = tumour_slices(patients, args.limit)
     model = load_litemedsam()
     device = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    if args.bf16_decoder and model.device.type == "cuda":  # for the rest of the run, on this thread
-        bf16 = contextlib.ExitStack()
-        bf16.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
+    if args.fp32_decoder:
+        segmentation.BATCHED_DECODER_BF16 = False
     warm = SliceSegmenter(model=model, cache=EmbeddingCache(1), views=views)
     run(warm, pngs[: args.batch_size], boxes[: args.batch_size], args.batch_size)  # kernels, autotuning
     totals = []
@@ -134,12 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     scores = [dice(m, t) for m, t in zip(masks, truths, strict=True)]
     print(f"{device}, {model.version}, batch {args.batch_size}, {len(pngs)} tumour slices of {len(patients)} "
           f"patients, best of {args.repeats}, views: {views_label(view_names(views))}"
-          + (", decoder in bfloat16" if args.bf16_decoder else ""))
+          + (", decoder in float32" if args.fp32_decoder else ""))
     print(f"throughput {len(pngs) / best:.1f} slices/s (PNG decode → model → brush RLE; {best:.2f} s)")
     print("  per stage: " + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items()))
     print(f"  sanity: mean Dice {np.mean(scores):.4f} (box + 5 px; eval_segmentation (a) on the same slices)")
     if args.stages:
         stages(model, pngs, boxes, args.batch_size)
+    if args.profile:
+        profile(SliceSegmenter(model=model, cache=EmbeddingCache(1), views=views), pngs, boxes, args.batch_size,
+                args.profile)
     if args.latency:
         latency(model, pngs[: args.latency], boxes[: args.latency], views)
     return 0
@@ -171,10 +175,34 @@ def stages(model, pngs: list[bytes], boxes: list[tuple], batch_size: int) -> Non
                                        segmenter.box_logits_many(images[start : start + batch_size],
                                                                  checked[start : start + batch_size], batch_size)])
     post_s, _ = timed(lambda: [segmenter.box_mask(item, box) for item, box in zip(logits, checked, strict=True)])
+    inputs = torch.from_numpy(np.stack([segmenter.prepare(image)[1] for image in images[:batch_size]]))[:, None]
+    inputs = inputs.to(model.device)
+    with torch.inference_mode():
+        batches = max(1, len(images) // batch_size)
+        alone_s, _ = timed(lambda: [model.embed(inputs) for _ in range(batches)])
     n = len(images)
+    print(f"  encoder alone, {batches} batches of {len(inputs)} already on the device: "
+          f"{batches * len(inputs) / alone_s:.0f} slices/s (the ceiling of the encoder stage)")
     print(f"  stages over {n} slices: encoder {encoder_s:.2f} s ({n / encoder_s:.0f} slices/s), decoder with "
           f"{1 + len(segmenter.box_shrinks)} boxes each + logits to the slice grid {decoder_s:.2f} s, "
           f"post-processing {post_s:.2f} s")
+
+
+def profile(segmenter, pngs: list[bytes], boxes: list[tuple], batch_size: int, top: int) -> None:
+    """cProfile of one pass: where the calling thread spends or waits its time (a GPU that waits on
+    the host shows up as Python work here; waits on the GPU show up in the copies to the host)."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run(segmenter, pngs, boxes, batch_size)
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
+    print("  profile of one pass (calling thread, by own time):")
+    print("\n".join("    " + line for line in out.getvalue().splitlines() if line.strip()))
 
 
 def latency(model, pngs: list[bytes], boxes: list[tuple], views: tuple = ()) -> None:
