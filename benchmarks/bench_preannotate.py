@@ -52,10 +52,13 @@ def tumour_slices(patients, limit: int | None) -> tuple[list[bytes], list[np.nda
     return pngs, masks, boxes
 
 
-def run(segmenter, pngs: list[bytes], boxes: list[tuple], batch_size: int) -> tuple[list[np.ndarray], dict]:
+def run(segmenter, pngs: list[bytes], boxes: list[tuple], batch_size: int,
+        keep_embeddings: bool = False) -> tuple[list[np.ndarray], dict]:
     """One pass, as a worker would do it for a case: PNGs decoded on threads, then ``segment_many``
     with the brush RLE as its ``finish`` (on its helper threads, overlapped with the GPU); returns the
-    masks (decoded back from the RLE, for the Dice check) and the seconds spent per stage."""
+    masks (decoded back from the RLE, for the Dice check) and the seconds spent per stage.
+    ``keep_embeddings``: also copy every embedding to the host's cache, as an interactive worker does.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     from core.brush_rle import brush_result_to_mask, mask_to_brush_result
@@ -70,7 +73,8 @@ def run(segmenter, pngs: list[bytes], boxes: list[tuple], batch_size: int) -> tu
     with ThreadPoolExecutor(4) as pool:
         images = list(pool.map(decode, pngs))
     t1 = time.perf_counter()
-    results = segmenter.segment_many(images, boxes, batch_size=batch_size, finish=encode)
+    results = segmenter.segment_many(images, boxes, batch_size=batch_size, finish=encode,
+                                     cache_embeddings=keep_embeddings)
     t2 = time.perf_counter()
     masks = [brush_result_to_mask(result, *image.shape) for result, image in zip(results, images, strict=True)]
     return masks, {"png": t1 - t0, "model + RLE": t2 - t1}
@@ -92,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp32-decoder", action="store_true",
                         help="the mask decoder in float32 (on CUDA it runs under bfloat16 autocast, "
                              "workers.segmentation.BATCHED_DECODER_BF16), to compare speed and Dice")
+    parser.add_argument("--keep-embeddings", action="store_true",
+                        help="also store every slice's embedding in the host's cache (a 2 MiB copy each), as "
+                             "interactive use wants; pre-annotation alone does not (segment_many cache_embeddings)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also profile one more pass (cProfile) and print its N most expensive functions")
     parser.add_argument("--latency", type=int, default=0, metavar="N",
@@ -127,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        masks, seconds = run(segmenter, pngs, boxes, args.batch_size)
+        masks, seconds = run(segmenter, pngs, boxes, args.batch_size, args.keep_embeddings)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         totals.append((time.perf_counter() - started, seconds))
@@ -135,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     scores = [dice(m, t) for m, t in zip(masks, truths, strict=True)]
     print(f"{device}, {model.version}, batch {args.batch_size}, {len(pngs)} tumour slices of {len(patients)} "
           f"patients, best of {args.repeats}, views: {views_label(view_names(views))}"
-          + (", decoder in float32" if args.fp32_decoder else ""))
+          + (", decoder in float32" if args.fp32_decoder else "")
+          + (", every embedding copied to the host's cache" if args.keep_embeddings else ""))
     print(f"throughput {len(pngs) / best:.1f} slices/s (PNG decode → model → brush RLE; {best:.2f} s)")
     print("  per stage: " + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items()))
     print(f"  sanity: mean Dice {np.mean(scores):.4f} (box + 5 px; eval_segmentation (a) on the same slices)")
@@ -143,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         stages(model, pngs, boxes, args.batch_size)
     if args.profile:
         profile(SliceSegmenter(model=model, cache=EmbeddingCache(1), views=views), pngs, boxes, args.batch_size,
-                args.profile)
+                args.profile, args.keep_embeddings)
     if args.latency:
         latency(model, pngs[: args.latency], boxes[: args.latency], views)
     return 0
@@ -188,7 +196,8 @@ def stages(model, pngs: list[bytes], boxes: list[tuple], batch_size: int) -> Non
           f"post-processing {post_s:.2f} s")
 
 
-def profile(segmenter, pngs: list[bytes], boxes: list[tuple], batch_size: int, top: int) -> None:
+def profile(segmenter, pngs: list[bytes], boxes: list[tuple], batch_size: int, top: int,
+            keep_embeddings: bool = False) -> None:
     """cProfile of one pass: where the calling thread spends or waits its time (a GPU that waits on
     the host shows up as Python work here; waits on the GPU show up in the copies to the host)."""
     import cProfile
@@ -197,7 +206,7 @@ def profile(segmenter, pngs: list[bytes], boxes: list[tuple], batch_size: int, t
 
     profiler = cProfile.Profile()
     profiler.enable()
-    run(segmenter, pngs, boxes, batch_size)
+    run(segmenter, pngs, boxes, batch_size, keep_embeddings)
     profiler.disable()
     out = io.StringIO()
     pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)

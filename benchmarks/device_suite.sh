@@ -10,8 +10,8 @@
 #
 # Stages:
 #   figures  the GPU figures in one call of about 3 min (for a session lent 15 minutes of device
-#            time): throughput with the slice alone (and its stages), with the views $VIEWS and
-#            a profile of one pass, then click → mask latency through HTTP + Redis + an RQ worker
+#            time): throughput with the slice alone (and its stages), with the views $VIEWS, with every
+#            embedding copied to the cache, a profile of one pass, then click → mask latency through HTTP + Redis + an RQ worker
 #   views    the choice of views and of the cut for box prompts (eval_views.py), about 4 min
 #   encoder_cv  5-fold CV of fine-tuning the image encoder with the decoder, scored with $VIEWS, ~5 min
 #   views_cv the CPU recipe's CV of fine-tuning, (a) and (b) scored with the views $VIEWS as well
@@ -55,7 +55,9 @@ figures)
         2>&1 | tee "$out/throughput.log"
     timeout 60 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --latency 50 --repeats 2 \
         --views "${VIEWS:-rot180,antitranspose}" 2>&1 | tee "$out/throughput_views.log"
-    timeout 60 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --repeats 2 --profile 25 \
+    timeout 60 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --repeats 2 --keep-embeddings \
+        2>&1 | tee "$out/throughput_keep.log"
+    timeout 60 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --repeats 1 --profile 25 \
         2>&1 | tee "$out/throughput_profile.log"
     if services; then
         timeout 180 "$PYTHON" benchmarks/bench_interactive.py --prepared .devsvc/case --slices "${SLICES:-8}" \

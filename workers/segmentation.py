@@ -510,15 +510,18 @@ class SliceSegmenter:
         return [EmbeddedSlice(found[key], frame, key) for _, frame, key in prepared]
 
     def _embeddings(self, inputs: Sequence[tuple[np.ndarray, str]], batch_size: int,
-                    on_device: bool = False) -> dict[str, torch.Tensor]:
+                    on_device: bool = False, store: bool = True) -> dict[str, torch.Tensor]:
         """Key → embedding ``[1, 256, 64, 64]`` of each ``(network input, key)``: from the cache, else
-        through the encoder ``batch_size`` at a time (1 on CPU), and cached.
+        through the encoder ``batch_size`` at a time (1 on CPU), and cached unless ``store`` is False.
 
         The host holds the cache; ``on_device`` returns the embeddings on the model's device (float32,
         rounded through float16 as the cache stores them, so the masks are the ones a cached
         embedding gives): batched pre-annotation then decodes the encoder's output where it lies
-        instead of copying 2 MiB per slice to the host and back.
+        instead of copying 2 MiB per slice to the host and back, and copies nothing at all when it
+        does not ``store`` them.
         """
+        if not (store or on_device):
+            raise ValueError("embeddings neither stored nor kept on the device would be lost")
         if self.model.device.type == "cpu":
             batch_size = 1
         device = self.model.device
@@ -540,10 +543,11 @@ class SliceSegmenter:
                 embeddings = self.model.embed(batch).to(torch.float16)
                 # one device-to-host copy per batch: a copy per slice waited on the GPU each time and
                 # held a batch of 64 to 218 slices/s on an H200, against 486 for the encoder alone
-                on_host = embeddings.cpu()
+                on_host = embeddings.cpu() if store else None
             self.encoder_calls += len(chunk)
             for index, key in enumerate(chunk):
-                stored = self.cache.put(key, on_host[index].clone())  # not a view that keeps the batch alive
+                if on_host is not None:  # a copy: not a view that keeps the whole batch alive
+                    stored = self.cache.put(key, on_host[index].clone())
                 found[key] = embeddings[index : index + 1].float() if on_device else stored
         return found
 
@@ -700,7 +704,7 @@ class SliceSegmenter:
 
     def segment_many(self, images: Sequence[Any], boxes: Sequence[Any], batch_size: int = 64,
                      finish: Callable[[np.ndarray], Any] | None = None,
-                     helper_threads: int | None = None) -> list[Any]:
+                     helper_threads: int | None = None, cache_embeddings: bool = True) -> list[Any]:
         """Box-prompted masks for many slices at once (GPU pre-annotation).
 
         The masks are the ones ``segment`` gives one slice at a time. The encoder and the decoder
@@ -714,6 +718,9 @@ class SliceSegmenter:
             finish: applied to each mask on a helper thread; its results are returned instead.
             helper_threads: default 2 on a GPU, 0 on CPU (the encoder takes every core there, helpers
                 would only compete with it; 0 runs the host's share in turn on the calling thread).
+            cache_embeddings: False leaves the cache as it is (cached embeddings are still used): whole
+                cases pre-annotated would only evict the slices annotators are prompting on, and on a
+                GPU each stored embedding costs a 2 MiB copy to the host.
         """
         if len(images) != len(boxes):
             raise InputError(f"segment_many needs one box per image, got {len(images)} images, {len(boxes)} boxes")
@@ -746,7 +753,8 @@ class SliceSegmenter:
                     prepared = helpers.submit(prepare, chunks[number + 1])
                 # every view's misses in batches together: a single slice's views in one encoder call
                 embeddings = self._embeddings([(model_input, key) for view_inputs in inputs
-                                               for model_input, _, key in view_inputs], batch_size, on_device=True)
+                                               for model_input, _, key in view_inputs], batch_size,
+                                              on_device=True, store=cache_embeddings)
                 per_view = [self._box_logits_on_device([arrays[i] for i in chunk], [checked[i] for i in chunk],
                                                        view_inputs, embeddings, view)
                             for view, view_inputs in zip(views, inputs, strict=True)]

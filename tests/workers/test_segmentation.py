@@ -217,6 +217,20 @@ def test_segment_many_matches_one_by_one(model, helper_threads):
     assert segmenter.segment_many([], [], helper_threads=helper_threads) == []
 
 
+def test_segment_many_can_leave_the_embedding_cache_alone(model):
+    """Pre-annotating whole cases must not evict the slices annotators are prompting on; what is
+    cached is still used."""
+    image, _, box = ellipse_slice(150, 170, centre=(80, 70), axes=(30, 22), seed=5)
+    other, _, other_box = ellipse_slice(140, 160, centre=(70, 75), axes=(25, 20), seed=6)
+    segmenter = SliceSegmenter(model=model)
+    expected = segmenter.segment(image, box=box)  # cached now
+    assert len(segmenter.cache) == 1 and segmenter.encoder_calls == 1
+    masks = segmenter.segment_many([image, other], [box, other_box], cache_embeddings=False)
+    assert np.array_equal(masks[0], expected)
+    assert np.array_equal(masks[1], SliceSegmenter(model=model).segment(other, box=other_box))
+    assert len(segmenter.cache) == 1 and segmenter.encoder_calls == 2  # only `other` went through the encoder
+
+
 def test_the_shrunk_box_average_is_cut_at_the_box_threshold_and_a_lone_box_at_zero(model):
     image, truth, box = ellipse_slice(150, 170, centre=(80, 70), axes=(30, 22), seed=3)
     box = (box[0] - 8, box[1] - 8, box[2] + 8, box[3] + 8)  # a loose box: the cut matters at its margin
