@@ -532,7 +532,7 @@ class SliceSegmenter:
                 continue
             cached = self.cache.get(key)
             if cached is not None:
-                found[key] = cached.to(device, torch.float32) if on_device else cached
+                found[key] = cached.to(device, non_blocking=True).float() if on_device else cached
             else:
                 missing[key] = model_input
         keys = list(missing)
@@ -747,6 +747,7 @@ class SliceSegmenter:
                 return []
             prepared = helpers.submit(prepare, chunks[0])
             finished = []
+            copying: tuple[range, _HostCopy] | None = None
             for number, chunk in enumerate(chunks):
                 inputs = prepared.result()
                 if number + 1 < len(chunks):
@@ -759,7 +760,13 @@ class SliceSegmenter:
                                                        view_inputs, embeddings, view)
                             for view, view_inputs in zip(views, inputs, strict=True)]
                 masks = [average_views(list(logits)) - self.box_cut > 0 for logits in zip(*per_view, strict=True)]
-                finished.append(helpers.submit(post, chunk, _to_host(masks)))
+                # the last batch's masks are waited for only now, with this batch queued behind them:
+                # the GPU works on while the host takes them over
+                if copying is not None:
+                    finished.append(helpers.submit(post, copying[0], copying[1].result()))
+                copying = (chunk, _HostCopy(masks))
+            if copying is not None:
+                finished.append(helpers.submit(post, copying[0], copying[1].result()))
             return [item for future in finished for item in future.result()]
 
     def box_logits_many(self, arrays: Sequence[np.ndarray], boxes: Sequence[np.ndarray],
@@ -789,8 +796,9 @@ class SliceSegmenter:
                                       for (_, frame, _), box in zip(inputs, boxes, strict=True)])
         bf16 = BATCHED_DECODER_BF16 and device.type == "cuda"
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            # non-blocking: a blocking copy would wait for all the GPU's queued work (the encoder)
             logits, _ = self.model.decode_many(
-                stacked.repeat_interleave(per_slice, dim=0), torch.from_numpy(model_boxes).to(device)
+                stacked.repeat_interleave(per_slice, dim=0), torch.from_numpy(model_boxes).to(device, non_blocking=True)
             )
         with torch.inference_mode():
             logits = logits.float().reshape(len(boxes), per_slice, *logits.shape[-2:]).mean(dim=1, keepdim=True)
@@ -799,7 +807,10 @@ class SliceSegmenter:
             for index, (_, frame, _) in enumerate(inputs):
                 by_frame.setdefault(frame, []).append(index)
             for frame, indices in by_frame.items():  # one resize per slice size: a case's slices share one
-                resized = frame.logits_to_image(logits[indices])[:, 0]
+                # a run of indices is a slice of the batch; a list would be copied to the device, waiting
+                same = logits[indices[0] : indices[-1] + 1] if indices[-1] - indices[0] + 1 == len(indices) else \
+                    logits[torch.tensor(indices).to(device, non_blocking=True)]
+                resized = frame.logits_to_image(same)[:, 0]
                 for index, item in zip(indices, resized, strict=True):
                     on_grid[index] = item if view is None else view.back(item)
         return on_grid
@@ -823,11 +834,42 @@ class _InlineExecutor:
 def _to_host(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
     """Tensors of different shapes → numpy arrays, in ONE device-to-host copy (a copy per tensor
     waits on the GPU each time); on CPU the same path, so that the tests run it."""
-    if not tensors:
-        return []
-    flat = torch.cat([item.reshape(-1) for item in tensors]).cpu().numpy()
-    ends = np.cumsum([item.numel() for item in tensors])
-    return [flat[end - item.numel() : end].reshape(item.shape) for item, end in zip(tensors, ends, strict=True)]
+    return _HostCopy(tensors).result()
+
+
+class _HostCopy:
+    """Tensors of different shapes on their way to the host as numpy arrays, in ONE copy.
+
+    On CUDA the copy is queued (into page-locked memory, behind the work that computes the tensors)
+    and ``result`` waits for it alone, so the caller can queue more GPU work first; elsewhere it is
+    done at once.
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self.shapes = [tuple(item.shape) for item in tensors]
+        self.event: torch.cuda.Event | None = None
+        if not tensors:
+            self.flat = torch.empty(0)
+            return
+        flat = torch.cat([item.reshape(-1) for item in tensors])
+        if flat.device.type == "cuda":
+            self.flat = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            self.flat.copy_(flat, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.flat = flat.cpu()
+
+    def result(self) -> list[np.ndarray]:
+        if self.event is not None:
+            self.event.synchronize()
+        flat = self.flat.numpy()
+        out, start = [], 0
+        for shape in self.shapes:
+            size = int(np.prod(shape))
+            out.append(flat[start : start + size].reshape(shape))
+            start += size
+        return out
 
 
 def average_views(logits: Sequence[ArrayT]) -> ArrayT:

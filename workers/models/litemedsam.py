@@ -169,7 +169,8 @@ class LiteMedSAM(nn.Module):
         On CUDA the encoder runs under bfloat16 autocast (faster, and TinyViT's LayerNorm/softmax are
         kept in float32 by autocast); on CPU it runs in float32, since CPU autocast is slower there.
         """
-        images = images.to(self.device, torch.float32)
+        # non-blocking: a blocking copy would first wait for all the GPU's queued work
+        images = images.to(self.device, torch.float32, non_blocking=True)
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
         images = images.contiguous(memory_format=torch.channels_last)
