@@ -13,7 +13,8 @@
 #            time): throughput with the slice alone (and its stages), with the views $VIEWS, with every
 #            embedding copied to the cache, a profile of one pass, then click → mask latency through HTTP + Redis + an RQ worker
 #   views    the choice of views and of the cut for box prompts (eval_views.py), about 4 min
-#   encoder_cv  5-fold CV of fine-tuning the image encoder with the decoder, scored with $VIEWS, ~5 min
+#   encoder_cv  5-fold CV of fine-tuning the image encoder with the decoder, scored with $VIEWS and with
+#            the off-the-shelf and fine-tuned models averaged, ~9 min (95 s a fold on an H200): a call of its own
 #   views_cv the CPU recipe's CV of fine-tuning, (a) and (b) scored with the views $VIEWS as well
 #   cv       throughput + latency (bench_preannotate.py), then 5-fold patient-level CV of fine-tuning the
 #            decoder only and the encoder too (finetune_cv.py); logs and JSON under $OUT
@@ -68,10 +69,10 @@ views)  # the choice of views and of the cut for box prompts
     timeout 220 "$PYTHON" benchmarks/eval_views.py --packed "$data" --cuts=-2,-1.5,-1,-0.5,0,0.5 --json "$out/views.json" \
         2>&1 | tee "$out/views.log"
     ;;
-encoder_cv)  # 5-fold CV of fine-tuning the image encoder too, (a) and (b) with $VIEWS, in about 5 min
-    timeout "${CV_TIMEOUT:-300}" "$PYTHON" benchmarks/finetune_cv.py --packed "$data" --train-encoder \
+encoder_cv)  # 5-fold CV of fine-tuning the image encoder too, (a) and (b) with $VIEWS and averaged models
+    timeout "${CV_TIMEOUT:-560}" "$PYTHON" benchmarks/finetune_cv.py --packed "$data" --train-encoder \
         --max-samples "${SAMPLES:-1600}" --epochs "${CV_EPOCHS:-4}" --lr "${CV_LR:-2e-4}" --batch-size "$BATCH" \
-        --train-box-shrinks "${TRAIN_SHRINKS:-2,4,6}" --views "${VIEWS:-rot180,antitranspose}" --no-propagation \
+        --train-box-shrinks "${TRAIN_SHRINKS:-2,4,6}" --views "${VIEWS:-rot180,antitranspose}" --no-propagation --average-models \
         --embedding-dir /tmp/sts-embeddings --json "$out/cv_encoder.json" 2>&1 | tr "\r" "\n" \
         | grep -v "s/step\|step/s" | tee "$out/cv_encoder.log"
     ;;

@@ -17,6 +17,7 @@ it); their embeddings come from the on-disk cache (computed and stored when miss
     .venv/bin/python benchmarks/finetune_cv.py [--folds 5] [--epochs 2] [--max-samples N] [--json out.json]
     .venv/bin/python benchmarks/finetune_cv.py --train-all models/decoder.pt   # then STS_LITEMEDSAM_DECODER
     .venv/bin/python benchmarks/finetune_cv.py --ensemble --bag 2   # + mean of base and tuned; of 2 tuned
+    .venv/bin/python benchmarks/finetune_cv.py --train-encoder --average-models --views rot180   # any two encoders
     .venv/bin/python benchmarks/finetune_cv.py --mask-prompts   # neighbour's outline as a dense prompt too
     .venv/bin/python benchmarks/finetune_cv.py --train-box-shrinks 2,4   # train on the shrunk-box average
     .venv/bin/python benchmarks/finetune_cv.py --train-neck   # the image encoder's neck learns too (CPU)
@@ -256,6 +257,25 @@ def tuned_segmenter(model, args, patients):
     return segmenter
 
 
+class AveragedSegmenters:
+    """Box prompts for several segmenters with different image encoders (the off-the-shelf model and
+    one whose encoder was fine-tuned): each one's logits averaged over its views, then over the
+    segmenters, cut and cleaned as the first would. ``DecoderEnsemble`` needs one shared encoder;
+    this is its benchmark-only counterpart, for ``--average-models`` (box prompts only)."""
+
+    def __init__(self, members: list) -> None:
+        self.members = members
+
+    def segment(self, image, box) -> np.ndarray:
+        from workers.segmentation import as_slice, average_views, check_box
+
+        array = as_slice(image)
+        box_px = check_box(box, array.shape)
+        per_member = [average_views([member.box_logits_many([array], [box_px], 1, view)[0]
+                                     for view in (None, *member.views)]) for member in self.members]
+        return self.members[0].box_mask(average_views(per_member), box_px)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folds", type=int, default=5)
@@ -274,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the figures here as JSON")
     parser.add_argument("--packed", type=Path, default=None, help="read the patients from pack_ibsi.py's .npz")
     parser.add_argument("--train-encoder", action="store_true", help="fine-tune the image encoder too (GPU)")
+    parser.add_argument("--average-models", action="store_true",
+                        help="also score (a) and (b) with the off-the-shelf and the fine-tuned model's logits "
+                             "averaged (with --views: each one's views first), whatever was fine-tuned")
     parser.add_argument("--ensemble", action="store_true",
                         help="also score the mean of the off-the-shelf and fine-tuned decoders (DecoderEnsemble)")
     parser.add_argument("--bag", type=int, default=1,
@@ -382,6 +405,13 @@ def main(argv: list[str] | None = None) -> int:
                 with_views = copy.copy(segmenter)
                 with_views.views = args.views
                 results[f"{label} + views"] = evaluate(with_views, held_out, args.seed + 100 + k, propagate_too=False)
+        if args.average_models:
+            members = []
+            for segmenter in (base_segmenter, tuned):
+                members.append(copy.copy(segmenter))
+                members[-1].views = args.views
+            label = "averaged models" + (" + views" if args.views else "")
+            results[label] = evaluate(AveragedSegmenters(members), held_out, args.seed + 100 + k, propagate_too=False)
         if args.ensemble:
             ensemble = SliceSegmenter(model=DecoderEnsemble([base, model]), cache=args.cache)
             results["ensemble"] = evaluate(ensemble, held_out, args.seed + 100 + k)
