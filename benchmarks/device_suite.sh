@@ -54,7 +54,7 @@ case "$stage" in
 figures)
     timeout 120 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --latency 50 --stages \
         2>&1 | tee "$out/throughput.log"
-    timeout 60 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --latency 50 --repeats 2 \
+    timeout 100 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --latency 50 --repeats 2 \
         --views "${VIEWS:-rot180,antitranspose}" 2>&1 | tee "$out/throughput_views.log"
     timeout 60 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --repeats 2 --keep-embeddings \
         2>&1 | tee "$out/throughput_keep.log"
