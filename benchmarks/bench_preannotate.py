@@ -52,6 +52,10 @@ def tumour_slices(patients, limit: int | None) -> tuple[list[bytes], list[np.nda
     return pngs, masks, boxes
 
 
+HELPER_THREADS: int | None = None
+"""``segment_many``'s helper threads (``--helper-threads``; None: its default)."""
+
+
 def run(segmenter, pngs: list[bytes], boxes: list[tuple], batch_size: int,
         keep_embeddings: bool = False) -> tuple[list[np.ndarray], dict]:
     """One pass, as a worker would do it for a case: PNGs decoded on threads, then ``segment_many``
@@ -74,7 +78,7 @@ def run(segmenter, pngs: list[bytes], boxes: list[tuple], batch_size: int,
         images = list(pool.map(decode, pngs))
     t1 = time.perf_counter()
     results = segmenter.segment_many(images, boxes, batch_size=batch_size, finish=encode,
-                                     cache_embeddings=keep_embeddings)
+                                     cache_embeddings=keep_embeddings, helper_threads=HELPER_THREADS)
     t2 = time.perf_counter()
     masks = [brush_result_to_mask(result, *image.shape) for result, image in zip(results, images, strict=True)]
     return masks, {"png": t1 - t0, "model + RLE": t2 - t1}
@@ -99,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-embeddings", action="store_true",
                         help="also store every slice's embedding in the host's cache (a 2 MiB copy each), as "
                              "interactive use wants; pre-annotation alone does not (segment_many cache_embeddings)")
+    parser.add_argument("--helper-threads", type=int, default=None, metavar="N",
+                        help="segment_many's helper threads (default: 2 on a GPU, 0 on CPU); 0 runs the host's "
+                             "share in turn on the calling thread, to see what the overlap is worth")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also profile one more pass (cProfile) and print its N most expensive functions")
     parser.add_argument("--latency", type=int, default=0, metavar="N",
@@ -125,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     if args.fp32_decoder:
         segmentation.BATCHED_DECODER_BF16 = False
+    global HELPER_THREADS
+    HELPER_THREADS = args.helper_threads
     warm = SliceSegmenter(model=model, cache=EmbeddingCache(1), views=views)
     run(warm, pngs[: args.batch_size], boxes[: args.batch_size], args.batch_size)  # kernels, autotuning
     totals = []
@@ -143,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{device}, {model.version}, batch {args.batch_size}, {len(pngs)} tumour slices of {len(patients)} "
           f"patients, best of {args.repeats}, views: {views_label(view_names(views))}"
           + (", decoder in float32" if args.fp32_decoder else "")
-          + (", every embedding copied to the host's cache" if args.keep_embeddings else ""))
+          + (", every embedding copied to the host's cache" if args.keep_embeddings else "")
+          + (f", {args.helper_threads} helper threads" if args.helper_threads is not None else ""))
     print(f"throughput {len(pngs) / best:.1f} slices/s (PNG decode → model → brush RLE; {best:.2f} s)")
     print("  per stage: " + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items()))
     print(f"  sanity: mean Dice {np.mean(scores):.4f} (box + 5 px; eval_segmentation (a) on the same slices)")

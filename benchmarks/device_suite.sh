@@ -11,7 +11,7 @@
 # Stages:
 #   figures  the GPU figures in one call of about 3 min (for a session lent 15 minutes of device
 #            time): throughput with the slice alone (and its stages), with the views $VIEWS, with every
-#            embedding copied to the cache, a profile of one pass, then click → mask latency through HTTP + Redis + an RQ worker
+#            embedding copied to the cache, without helper threads, a profile of one pass, then click → mask latency through HTTP + Redis + an RQ worker
 #   views    the choice of views and of the cut for box prompts (eval_views.py), about 4 min
 #   encoder_cv  5-fold CV of fine-tuning the image encoder with the decoder, scored with $VIEWS and with
 #            the off-the-shelf and fine-tuned models averaged, ~9 min (95 s a fold on an H200): a call of its own
@@ -60,6 +60,8 @@ figures)
         2>&1 | tee "$out/throughput_keep.log"
     timeout 60 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --repeats 1 --profile 25 \
         2>&1 | tee "$out/throughput_profile.log"
+    timeout 60 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --repeats 2 --helper-threads 0 \
+        2>&1 | tee "$out/throughput_no_helpers.log"
     if services; then
         timeout 180 "$PYTHON" benchmarks/bench_interactive.py --prepared .devsvc/case --slices "${SLICES:-8}" \
             --repeat "${REPEAT:-10}" 2>&1 | tee "$out/latency.log"
