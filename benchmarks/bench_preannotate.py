@@ -22,6 +22,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -52,16 +53,12 @@ def tumour_slices(patients, limit: int | None) -> tuple[list[bytes], list[np.nda
     return pngs, masks, boxes
 
 
-HELPER_THREADS: int | None = None
-"""``segment_many``'s helper threads (``--helper-threads``; None: its default)."""
-
-
 def run(segmenter, pngs: list[bytes], boxes: list[tuple], batch_size: int,
-        keep_embeddings: bool = False) -> tuple[list[np.ndarray], dict]:
+        **options: Any) -> tuple[list[np.ndarray], dict]:
     """One pass, as a worker would do it for a case: PNGs decoded on threads, then ``segment_many``
     with the brush RLE as its ``finish`` (on its helper threads, overlapped with the GPU); returns the
     masks (decoded back from the RLE, for the Dice check) and the seconds spent per stage.
-    ``keep_embeddings``: also copy every embedding to the host's cache, as an interactive worker does.
+    ``options`` go to ``segment_many`` (``cache_embeddings``, ``helper_threads``).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -77,8 +74,8 @@ def run(segmenter, pngs: list[bytes], boxes: list[tuple], batch_size: int,
     with ThreadPoolExecutor(4) as pool:
         images = list(pool.map(decode, pngs))
     t1 = time.perf_counter()
-    results = segmenter.segment_many(images, boxes, batch_size=batch_size, finish=encode,
-                                     cache_embeddings=keep_embeddings, helper_threads=HELPER_THREADS)
+    options.setdefault("cache_embeddings", False)  # pre-annotation stores no embeddings
+    results = segmenter.segment_many(images, boxes, batch_size=batch_size, finish=encode, **options)
     t2 = time.perf_counter()
     masks = [brush_result_to_mask(result, *image.shape) for result, image in zip(results, images, strict=True)]
     return masks, {"png": t1 - t0, "model + RLE": t2 - t1}
@@ -132,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     if args.fp32_decoder:
         segmentation.BATCHED_DECODER_BF16 = False
-    global HELPER_THREADS
-    HELPER_THREADS = args.helper_threads
+    options = {"cache_embeddings": args.keep_embeddings, "helper_threads": args.helper_threads}
     warm = SliceSegmenter(model=model, cache=EmbeddingCache(1), views=views)
     run(warm, pngs[: args.batch_size], boxes[: args.batch_size], args.batch_size)  # kernels, autotuning
     totals = []
@@ -143,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        masks, seconds = run(segmenter, pngs, boxes, args.batch_size, args.keep_embeddings)
+        masks, seconds = run(segmenter, pngs, boxes, args.batch_size, **options)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         totals.append((time.perf_counter() - started, seconds))
@@ -161,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         stages(model, pngs, boxes, args.batch_size)
     if args.profile:
         profile(SliceSegmenter(model=model, cache=EmbeddingCache(1), views=views), pngs, boxes, args.batch_size,
-                args.profile, args.keep_embeddings)
+                args.profile, options)
     if args.latency:
         latency(model, pngs[: args.latency], boxes[: args.latency], views)
     return 0
@@ -207,7 +203,7 @@ def stages(model, pngs: list[bytes], boxes: list[tuple], batch_size: int) -> Non
 
 
 def profile(segmenter, pngs: list[bytes], boxes: list[tuple], batch_size: int, top: int,
-            keep_embeddings: bool = False) -> None:
+            options: dict[str, Any]) -> None:
     """cProfile of one pass: where the calling thread spends or waits its time (a GPU that waits on
     the host shows up as Python work here; waits on the GPU show up in the copies to the host)."""
     import cProfile
@@ -216,7 +212,7 @@ def profile(segmenter, pngs: list[bytes], boxes: list[tuple], batch_size: int, t
 
     profiler = cProfile.Profile()
     profiler.enable()
-    run(segmenter, pngs, boxes, batch_size, keep_embeddings)
+    run(segmenter, pngs, boxes, batch_size, **options)
     profiler.disable()
     out = io.StringIO()
     pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
