@@ -12,7 +12,8 @@
 #   figures  the GPU figures in one call of about 3 min (for a session lent 15 minutes of device
 #            time): throughput with the slice alone (and its stages), with the views $VIEWS, with every
 #            embedding copied to the cache, without helper threads, a profile of one pass, then click → mask latency through HTTP + Redis + an RQ worker
-#   views    the choice of views and of the cut for box prompts (eval_views.py), about 4 min
+#   views    the choice of views (the zoomed ones among them) and of the cut for box prompts
+#            (eval_views.py --zoom), about 6 min
 #   encoder_cv  5-fold CV of fine-tuning the image encoder with the decoder, scored with $VIEWS and with
 #            the off-the-shelf and fine-tuned models averaged, ~9 min (95 s a fold on an H200): a call of its own
 #   views_cv the CPU recipe's CV of fine-tuning, (a) and (b) scored with the views $VIEWS as well
@@ -40,6 +41,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 EPOCHS=${EPOCHS:-20}
 LR=${LR:-1e-4}
 BATCH=${BATCH:-32}
+DEFAULT_VIEWS=rot180,antitranspose,zoom,zoom_rot180,zoom_antitranspose   # workers.segmentation.DEFAULT_PROMPT_VIEWS
 
 services() {  # redis-server and the pure-Python service wheels the device lacks (.devsvc)
     [ -d .devsvc/case ] || { echo ".devsvc missing: run benchmarks/prepare_device.sh and carry .devsvc"; return 1; }
@@ -55,7 +57,7 @@ figures)
     timeout 120 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --latency 50 --stages \
         2>&1 | tee "$out/throughput.log"
     timeout 100 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --latency 50 --repeats 2 \
-        --views "${VIEWS:-rot180,antitranspose}" 2>&1 | tee "$out/throughput_views.log"
+        --views "${VIEWS:-$DEFAULT_VIEWS}" 2>&1 | tee "$out/throughput_views.log"
     timeout 60 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --repeats 2 --keep-embeddings \
         2>&1 | tee "$out/throughput_keep.log"
     timeout 60 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --repeats 1 --profile 25 \
@@ -68,13 +70,13 @@ figures)
     fi
     ;;
 views)  # the choice of views and of the cut for box prompts
-    timeout 220 "$PYTHON" benchmarks/eval_views.py --packed "$data" --cuts=-2,-1.5,-1,-0.5,0,0.5 --json "$out/views.json" \
+    timeout 420 "$PYTHON" benchmarks/eval_views.py --packed "$data" --zoom --cuts=-2,-1.5,-1,-0.5,0,0.5 --json "$out/views.json" \
         2>&1 | tee "$out/views.log"
     ;;
 encoder_cv)  # 5-fold CV of fine-tuning the image encoder too, (a) and (b) with $VIEWS and averaged models
     timeout "${CV_TIMEOUT:-560}" "$PYTHON" benchmarks/finetune_cv.py --packed "$data" --train-encoder \
         --max-samples "${SAMPLES:-1600}" --epochs "${CV_EPOCHS:-4}" --lr "${CV_LR:-2e-4}" --batch-size "$BATCH" \
-        --train-box-shrinks "${TRAIN_SHRINKS:-2,4,6}" --views "${VIEWS:-rot180,antitranspose}" --no-propagation --average-models \
+        --train-box-shrinks "${TRAIN_SHRINKS:-2,4,6}" --views "${VIEWS:-$DEFAULT_VIEWS}" --no-propagation --average-models \
         --embedding-dir /tmp/sts-embeddings --json "$out/cv_encoder.json" 2>&1 | tr "\r" "\n" \
         | grep -v "s/step\|step/s" | tee "$out/cv_encoder.log"
     ;;
@@ -82,7 +84,7 @@ views_cv)  # the CPU recipe's 5-fold CV, (a) and (b) with $VIEWS averaged into b
     timeout 30 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --repeats 1 --stages \
         2>&1 | tee "$out/stages.log"
     timeout 450 "$PYTHON" benchmarks/finetune_cv.py --packed "$data" --max-samples 1000 --epochs 1 --lr 2e-4 \
-        --views "${VIEWS:-rot180,antitranspose}" --no-propagation --embedding-dir /tmp/sts-embeddings \
+        --views "${VIEWS:-$DEFAULT_VIEWS}" --no-propagation --embedding-dir /tmp/sts-embeddings \
         --json "$out/cv_views.json" 2>&1 | tr "\r" "\n" | grep -v "s/step\|step/s" | tee "$out/cv_views.log"
     ;;
 cv)

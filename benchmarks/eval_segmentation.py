@@ -30,8 +30,9 @@ What is measured (all on CPU unless a GPU is visible):
     usual simulation of interactive segmentation). Mean slice Dice after the box and after each click.
 
 Tried on these patients and rejected (development figures, off-the-shelf model; details in issue 3):
-zooming on the box (a crop of 2-3× its side resized to 256: no gain, the IBSI crops already show the
-tumour at full resolution); raising the mask threshold (+0.015 on (b), -0.002 on (a)); re-prompting
+zooming on the box instead of the slice (a crop of 2-3× its side resized to 256: no gain, the IBSI
+crops already show the tumour at full resolution; averaged in as a view it gains, see
+``workers.slice_views.ZOOM_VIEWS``); raising the mask threshold (+0.015 on (b), -0.002 on (a)); re-prompting
 with the first mask's box (worse on both); moving the box sides in towards the first mask (helps
 loose boxes, hurts tight ones: a 0 px box fell from 0.84 to 0.81); a 1.5 px propagation box (won on
 the 12 tuning patients, lost on the other 13). The model over-segments loose boxes (median predicted

@@ -26,6 +26,11 @@ file (``--packed``, what the GPU machine gets). Never try to re-identify anyone.
     .venv/bin/python benchmarks/eval_views.py --packed .devdata/ibsi.npz --json views.json   # GPU: ~1 min
     .venv/bin/python benchmarks/eval_views.py --patients 2 --views flip_x,transpose         # CPU smoke run
     .venv/bin/python benchmarks/eval_views.py --views rot180,antitranspose --cuts=-2,-1,-0.5,0   # the cut
+    .venv/bin/python benchmarks/eval_views.py --packed .devdata/ibsi.npz --zoom   # zoomed views as candidates too
+
+A zoomed view (``workers.slice_views.ZOOM_VIEWS``) crops a window around the box, so its embedding
+serves that box only: its encoder pass is paid on every new box, where a whole-slice view's is paid
+once per slice (and can be warmed ahead).
 
 On two CPU cores each view of each slice costs about a second of encoder time (922 slices × 8 views
 ≈ 2 h); a GPU does all of it in about a minute.
@@ -95,10 +100,12 @@ def record_slices(segmenter, patients, views, seed: int, batch_size: int) -> lis
 def score(segmenter, records: list[SliceRecord], chosen: tuple[int, ...], pool: ThreadPoolExecutor
           ) -> dict[str, np.ndarray]:
     """Per-slice Dice of (a) and (b) with the logits of the ``chosen`` view indices (0 = the slice) averaged."""
-    index = list(chosen)
+    from workers.segmentation import average_views
+
+    index = [0, *(i for i in chosen if i)]  # the slice's own first: it stands in outside a zoomed window
 
     def one(record: SliceRecord) -> tuple[float, float]:
-        return tuple(dice(segmenter.box_mask(record.logits[part][index].astype(np.float32).mean(axis=0),
+        return tuple(dice(segmenter.box_mask(average_views(list(record.logits[part][index].astype(np.float32))),
                                              record.boxes[part]), record.truth) for part in PARTS)
 
     pairs = np.asarray(list(pool.map(one, records)))
@@ -119,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patients", type=int, default=None, help="only the first N patients (sorted by name)")
     parser.add_argument("--views", default=None, metavar="NAMES",
                         help="candidate views (comma-separated workers.slice_views names; default: all seven)")
+    parser.add_argument("--zoom", action="store_true",
+                        help="the eight zoomed views (zoom, zoom_rot180, ...: a window around the box) too")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="(b)'s jitter, as eval_segmentation.py")
     parser.add_argument("--batch-size", type=int, default=None, help="slices per encoder call (64 on GPU, 1 on CPU)")
     parser.add_argument("--cuts", default="", metavar="LOGITS",
@@ -132,10 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     from core.errors import ConfigError
     from workers.models import load_litemedsam
     from workers.segmentation import EmbeddingCache, SliceSegmenter
-    from workers.slice_views import VIEWS, parse_views
+    from workers.slice_views import VIEWS, ZOOM_VIEWS, parse_views
 
     try:
         views = tuple(VIEWS.values()) if args.views is None else parse_views(args.views, "--views")
+        if args.zoom:
+            views = tuple(dict.fromkeys((*views, *ZOOM_VIEWS.values())))
         cuts = [float(cut) for cut in args.cuts.split(",") if cut.strip()]
     except (ConfigError, ValueError) as exc:
         parser.error(str(exc))

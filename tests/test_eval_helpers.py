@@ -74,3 +74,8 @@ def test_a_set_of_views_is_scored_on_the_average_of_its_logits():
     assert alone["a"][0] == 2 * 100 / (140 + 100)  # 40 extra pixels
     assert both["a"][0] == both["b"][0] == 1.0  # (2 - 6) / 2 < 0: the extra strip is gone
     assert describe((0, 1), ["slice", "rot180"]) == "slice + rot180"
+    zoomed = np.full_like(other_view, np.nan)  # a zoomed view says nothing outside its window,
+    zoomed[5:25, 12:25] = other_view[5:25, 12:25]  # which leaves out the tumour's two left columns
+    record.logits = {part: np.stack([slice_view, zoomed]).astype(np.float16) for part in ("a", "b")}
+    with ThreadPoolExecutor(2) as pool:
+        assert score(segmenter, [record], (0, 1), pool)["a"][0] == 1.0  # averaged inside, the slice's outside

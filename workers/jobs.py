@@ -448,7 +448,8 @@ def _warm(volume: np.ndarray, case_id: str, modality: str, data_dir: str | Path 
     batch = 16 if segmenter.model.device.type == "cuda" else 1
     order = middle_out(len(volume), centre)
     used = ((MIRRORED,) if propagation_settings_from_env().mirror_weight else ()) + segmenter.views
-    other_views = list(dict.fromkeys(used))
+    # a zoomed view's window follows the annotator's box: nothing of it can be computed ahead
+    other_views = [view for view in dict.fromkeys(used) if view.zoom is None]
     views = [(z, None) for z in order] + [(z, other) for other in other_views for z in order]
 
     def view(z: int, other: SliceView | None) -> np.ndarray:

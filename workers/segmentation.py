@@ -37,7 +37,7 @@ import torch
 from core.errors import ConfigError, InputError, ProjectError
 from core.settings import FLAG_OFF, FLAG_ON, env_flag
 from workers.models.litemedsam import LiteMedSAM, ModelFrame, load_litemedsam, mask_prompt_logits, preprocess_slice
-from workers.slice_views import MIRRORED, VIEWS, ArrayT, SliceView, parse_views
+from workers.slice_views import MIRRORED, ArrayT, SliceView, parse_views
 
 DEFAULT_EMBEDDING_CACHE_SIZE = 256
 """Image embeddings kept per process (float16, 2 MiB each: 512 MiB at most); a few cases' slices."""
@@ -101,21 +101,33 @@ encoder time on a CPU-only site, for 0.0015-0.0025 of mean volume Dice (see ``DE
 read by ``propagation_settings_from_env``)."""
 
 PROMPT_VIEWS_ENV = "STS_PROMPT_VIEWS"
-"""Which other views of the slice (``workers.slice_views.VIEWS``) a box prompt, with or without
-clicks (``segment``, ``segment_many``), is also decoded on, the views' logits averaged with the
-slice's own (``SliceSegmenter.views``): comma-separated view names; 'none' or an off word (0/off)
-for the slice alone; an on word for ``DEFAULT_PROMPT_VIEWS``. Unset: ``DEFAULT_PROMPT_VIEWS`` when
-the worker has a GPU, the slice alone on CPU, where each view's encoder pass on a first click costs
-0.7-1.2 s on 2 cores, past the 1.5 s target (``prompt_views_from_env``)."""
+"""Which other views of the slice (``workers.slice_views.VIEWS`` and ``ZOOM_VIEWS``) a box prompt,
+with or without clicks (``segment``, ``segment_many``), is also decoded on, the views' logits
+averaged with the slice's own (``SliceSegmenter.views``): comma-separated view names; 'none' or an
+off word (0/off) for the slice alone; an on word for ``DEFAULT_PROMPT_VIEWS``. Unset:
+``DEFAULT_PROMPT_VIEWS`` when the worker has a GPU, the slice alone on CPU, where each view's encoder
+pass costs 0.7-1.2 s on 2 cores, past the 1.5 s target: once per slice for a whole-slice view (and
+warmed ahead), on every new box for a zoomed one (``prompt_views_from_env``)."""
 
 LEGACY_MIRROR_PROMPTS_ENV = "STS_MIRROR_PROMPTS"
 """Read when ``$STS_PROMPT_VIEWS`` is unset, with its old meaning: on, the mirrored view alone; off,
 the slice alone (so that an older ``.env`` keeps doing what it did)."""
 
-DEFAULT_PROMPT_VIEWS = ("rot180", "antitranspose")
+DEFAULT_PROMPT_VIEWS = ("rot180", "antitranspose", "zoom", "zoom_rot180", "zoom_antitranspose")
 """The views a box prompt is also decoded on when they are on (a GPU worker, by default): the slice
-turned by 180° and the slice flipped about its anti-diagonal, three views averaged with equal
-weights (``benchmarks/eval_views.py``, on an H200, bf16, off-the-shelf, mean slice Dice; boxes as
+turned by 180° and the slice flipped about its anti-diagonal, and the same three zoomed on the box
+(``workers.slice_views.ZOOM_VIEWS``: a window of 1.6× the box's longer side), six views averaged with
+equal weights (the slice's own logits stand in outside the zoomed windows).
+
+The zoomed views came last (two CPU cores, float32, off-the-shelf, mean slice Dice, against the three
+whole-slice views): (a) 0.8934 → 0.9035 on the first 6 patients (better on 5, worse on one by 0.0008;
+the half of their slices with the smaller tumours 0.8487 → 0.8686), 0.9072 → 0.9178 on the first 5 of
+the other 13 (better on all 5); on the first 8 patients (n = 330 slices) (a) 0.8925 → 0.9011 (better
+on 6, equal on one, worse on one by 0.001) and (b) 0.8401 → 0.8368 (worse on 7 by up to 0.007): a
+tight box gains more than twice what a loose one loses, so they are in. A window of 2.5× gained less on
+(a) (0.9065 against 0.9101 for 1.6×, the zoomed view alone with the slice, 3 patients); a zoomed view
+instead of the slice (no averaging) gained nothing. The whole-slice views were chosen before, with
+equal weights (``benchmarks/eval_views.py``, on an H200, bf16, off-the-shelf, mean slice Dice; boxes as
 ``eval_segmentation.py`` (a) box + 5 px, (b) loose box). Chosen by greedy forward selection on the
 first 12 of the 25 development patients (n = 462 slices), checked on the other 13 (n = 460):
 
@@ -124,7 +136,7 @@ views                                  12 (a) / (b)     13 (a) / (b)     all 25 
 =====================================  ===============  ===============  ===============
 the slice alone                        0.8684 / 0.8002  0.8953 / 0.8505  0.8818 / 0.8253
 + flip_x (the default until now)       0.8742 / 0.8028  0.8973 / 0.8536  0.8857 / 0.8281
-+ rot180 + antitranspose (default)     0.8828 / 0.8132  0.9041 / 0.8579  0.8934 / 0.8355
++ rot180 + antitranspose (then)       0.8828 / 0.8132  0.9041 / 0.8579  0.8934 / 0.8355
 + rot90 + flip_y as well (greedy end)  0.8847 / 0.8139  0.9048 / 0.8586  0.8947 / 0.8362
 all eight views                        0.8843 / 0.8115  0.9055 / 0.8570  0.8949 / 0.8342
 =====================================  ===============  ===============  ===============
@@ -137,8 +149,11 @@ with them, a cut at −0.5 instead of ``DEFAULT_BOX_THRESHOLD`` traded (a) −0.
 wash on both halves, so the cut stays. Views upside down show anatomy no annotator sees,
 but they are only averaged in at test time, and the encoder's errors on them differ from its errors
 on the slice as it is.
-Each view is one more image-encoder pass on a slice's first click (about 20 ms on an H200, 0.7-1.2 s
-on two CPU cores) and one more decoder call on every click. Clicks without a box keep one view."""
+Each whole-slice view is one more image-encoder pass on a slice's first click (about 20 ms on an H200,
+0.7-1.2 s on two CPU cores) and one more decoder call on every click; the three zoomed views are one
+more encoder call (of three crops) on every new box, which no warm-up can do ahead, while clicks added
+to the same box reuse them. ``STS_PROMPT_VIEWS=rot180,antitranspose`` keeps the whole-slice views only.
+Clicks without a box keep one view."""
 
 BOX_SHRINKS_ENV = "STS_BOX_SHRINKS"
 """Comma-separated px overriding ``DEFAULT_BOX_SHRINKS_PX`` in the workers (``box_shrinks_from_env``);
@@ -636,21 +651,24 @@ class SliceSegmenter:
     ) -> np.ndarray:
         """Logits ``[N, 1, height, width]`` of ``boxes`` decoded on a view of ``image`` (flipped or
         transposed, see ``workers.slice_views``) and mapped back onto ``image``'s grid: another view
-        of the slice for test-time augmentation.
+        of the slice for test-time augmentation. A zoomed view crops around the first of ``boxes`` (the
+        box itself; the shrunk boxes lie inside it) and is NaN outside its window.
 
         The view has its own embedding (cached under its own key). ``mask_logits`` (model frame, as
         in ``decode``) and ``points`` (as in ``decode``) travel with their slice.
         """
         array = as_slice(image)
-        embedded = self.embed(view.image(array))
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        box = boxes[0] if view.zoom is not None else None  # the box itself; the shrunk ones lie inside it
         if mask_logits is not None:
             frame = ModelFrame.for_shape(*array.shape)
             mask_logits = view.model_logits(mask_logits, (frame.resized_height, frame.resized_width))
+        embedded = self.embed(view.image(array, box))
         if points is not None:
-            points = (view.coords(points[0], array.shape), points[1])
-        logits, _ = self.decode(embedded, boxes=view.boxes(boxes, array.shape), points=points,
+            points = (view.coords(points[0], array.shape, box), points[1])
+        logits, _ = self.decode(embedded, boxes=view.boxes(boxes, array.shape, box), points=points,
                                 mask_logits=mask_logits)
-        return view.back(logits)
+        return view.back(logits, box, array.shape)
 
     def decode_mirrored(
         self,
@@ -702,7 +720,8 @@ class SliceSegmenter:
         if point_px is None:  # a box alone: the batched path (views averaged and cut on the device)
             return self.segment_many([array], [box_px], helper_threads=0)[0]
         if self.views:  # a first prompt on the slice: all its views through the encoder in one call
-            self.embed_many([array, *(view.image(array) for view in self.views)], batch_size=1 + len(self.views))
+            self.embed_many([array, *(view.image(array, box_px) for view in self.views)],
+                            batch_size=1 + len(self.views))
         embedded = self.embed(array)
         boxes = shrunk_boxes(box_px, self.box_shrinks)
         points = (
@@ -764,8 +783,8 @@ class SliceSegmenter:
         views = (None, *self.views)
 
         def prepare(chunk: range) -> list[list[tuple[np.ndarray, ModelFrame, str]]]:
-            return [[self.prepare(arrays[i] if view is None else view.image(arrays[i]))[1:] for i in chunk]
-                    for view in views]
+            return [[self.prepare(arrays[i] if view is None else view.image(arrays[i], checked[i]))[1:]
+                     for i in chunk] for view in views]
 
         def post(chunk: range, masks: list[np.ndarray]) -> list[Any]:
             cleaned = [self.clean(mask, checked[i]) for i, mask in zip(chunk, masks, strict=True)]
@@ -806,7 +825,8 @@ class SliceSegmenter:
         shrunk boxes, in one decoder call; with ``view``, decoded on that view of each slice and
         mapped back onto the slice's grid (``segment_many`` averages the views; the benchmarks keep
         them apart to choose among them)."""
-        inputs = [self.prepare(array if view is None else view.image(array))[1:] for array in arrays]
+        inputs = [self.prepare(array if view is None else view.image(array, box))[1:]
+                  for array, box in zip(arrays, boxes, strict=True)]
         embeddings = self._embeddings([(model_input, key) for model_input, _, key in inputs], batch_size,
                                       on_device=True)
         return _to_host(self._box_logits_on_device(arrays, boxes, inputs, embeddings, view))
@@ -821,10 +841,10 @@ class SliceSegmenter:
         device = self.model.device
         per_slice = 1 + len(self.box_shrinks)
         stacked = torch.cat([embeddings[key] for _, _, key in inputs])
-        if view is not None:
-            boxes = [view.boxes(box, array.shape)[0] for array, box in zip(arrays, boxes, strict=True)]
+        on_view = boxes if view is None else [view.boxes(box, array.shape, box)[0]
+                                              for array, box in zip(arrays, boxes, strict=True)]
         model_boxes = np.concatenate([frame.to_model(shrunk_boxes(box, self.box_shrinks))
-                                      for (_, frame, _), box in zip(inputs, boxes, strict=True)])
+                                      for (_, frame, _), box in zip(inputs, on_view, strict=True)])
         bf16 = BATCHED_DECODER_BF16 and device.type == "cuda"
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             # non-blocking: a blocking copy would wait for all the GPU's queued work (the encoder)
@@ -843,7 +863,7 @@ class SliceSegmenter:
                     logits[torch.tensor(indices).to(device, non_blocking=True)]
                 resized = frame.logits_to_image(same)[:, 0]
                 for index, item in zip(indices, resized, strict=True):
-                    on_grid[index] = item if view is None else view.back(item)
+                    on_grid[index] = item if view is None else view.back(item, boxes[index], arrays[index].shape)
         return on_grid
 
 
@@ -906,12 +926,18 @@ class _HostCopy:
 def average_views(logits: Sequence[ArrayT]) -> ArrayT:
     """The mean of one prompt's logits ``[H, W]`` on each view of its slice (all on the slice's grid;
     numpy arrays, or tensors on the GPU), with equal weights: what ``segment`` and ``segment_many``
-    both cut. Summed in order, then divided, in either library, so that both give the same mask."""
+    both cut. Summed in order, then divided, in either library, so that both give the same mask.
+
+    The first is the slice's own; where another is NaN (outside a zoomed view's window) the slice's
+    own value stands in for it."""
     if len(logits) == 1:
         return logits[0]
-    if isinstance(logits[0], torch.Tensor):
-        return torch.stack(list(logits)).sum(dim=0) / len(logits)
-    return np.stack(logits).sum(axis=0) / len(logits)
+    own = logits[0]
+    if isinstance(own, torch.Tensor):
+        filled = [own, *(torch.where(torch.isnan(other), own, other) for other in logits[1:])]
+        return torch.stack(filled).sum(dim=0) / len(logits)
+    filled = [own, *(np.where(np.isnan(other), own, other) for other in logits[1:])]
+    return np.stack(filled).sum(axis=0) / len(logits)
 
 
 def blend_views(own: np.ndarray, mirrored: np.ndarray, weight: float) -> np.ndarray:
@@ -1647,7 +1673,7 @@ def prompt_views_from_env(gpu: bool | None = None) -> tuple[SliceView, ...]:
     if not raw:
         raw = "on" if (torch.cuda.is_available() if gpu is None else gpu) else "off"
     if raw.lower() in FLAG_ON:
-        return tuple(VIEWS[name] for name in DEFAULT_PROMPT_VIEWS)
+        return parse_views(",".join(DEFAULT_PROMPT_VIEWS), "DEFAULT_PROMPT_VIEWS")
     if raw.lower() in FLAG_OFF:
         return ()
     return parse_views(raw, f"${PROMPT_VIEWS_ENV}={raw!r}")

@@ -31,7 +31,7 @@ from workers.jobs import (
     seed_mask,
     segment_interactive,
 )
-from workers.slice_views import VIEWS
+from workers.slice_views import VIEWS, ZOOM_VIEWS
 
 CASE = "PH-JOBS"
 SEED = 13
@@ -269,10 +269,11 @@ def test_warming_makes_way_for_annotators_and_serves_another_worker(case, redis_
 
 def test_warming_embeds_each_view_the_worker_uses_once(case, redis_db, monkeypatch) -> None:
     """Propagation's mirrored view and the box prompts' views (``$STS_PROMPT_VIEWS``) are all warmed,
-    a view that both use only once: the slices first, then one view of all slices after another."""
+    a view that both use only once: the slices first, then one view of all slices after another. A
+    zoomed view is not warmed: its window follows the annotator's box."""
     data_dir, truth = case
     monkeypatch.setenv("STS_DATA_DIR", str(data_dir))
-    monkeypatch.setenv("STS_PROMPT_VIEWS", "flip_x,rot180")
+    monkeypatch.setenv("STS_PROMPT_VIEWS", "flip_x,rot180,zoom")
     monkeypatch.setattr(workers.segmentation, "_DEFAULT_SEGMENTER", None)
     Queue(INTERACTIVE_QUEUE, connection=redis_db).enqueue_call(
         SEGMENT_INTERACTIVE_JOB, kwargs={"case_id": CASE, "modality": "T2", "slice_index": 0, "box": [1, 1, 9, 9]})
@@ -281,7 +282,7 @@ def test_warming_embeds_each_view_the_worker_uses_once(case, redis_db, monkeypat
     SimpleWorker([preannotate], connection=redis_db).work(burst=True, max_jobs=1, with_scheduler=False)
     result = job.return_value()
     assert result["views"] == 3 and result["embedded"] == 1 and result["left"] == 3 * truth.shape[0] - 1
-    assert workers.segmentation.default_segmenter().views == (VIEWS["flip_x"], VIEWS["rot180"])
+    assert workers.segmentation.default_segmenter().views == (VIEWS["flip_x"], VIEWS["rot180"], ZOOM_VIEWS["zoom"])
     monkeypatch.setattr(workers.segmentation, "_DEFAULT_SEGMENTER", None)
 
 

@@ -57,7 +57,7 @@ from workers.segmentation import (
     signed_distance,
     taper_cuts,
 )
-from workers.slice_views import MIRRORED, VIEWS
+from workers.slice_views import MIRRORED, VIEWS, ZOOM_VIEWS, parse_views
 
 PROPAGATION_PATIENT = "STS_019"
 """A small patient (15 tumour slices of 110×112 px) so that propagation runs in well under a minute."""
@@ -441,6 +441,37 @@ def test_prompts_average_in_their_views_when_asked(model):
         SliceSegmenter(model=model, views="flip_x,flip_z")
 
 
+def test_a_zoomed_view_averages_in_inside_its_window(model):
+    """A zoomed view decodes the box on a window around it, enlarged to the network's input; outside
+    the window the slice's own logits stand in for it, so the mask is the plain average there.
+    ``segment`` and ``segment_many`` agree; clicks travel into the window; a warm-up never embeds it
+    (its window follows the box), so each new box costs one encoder pass, a repeated one none."""
+    image, truth, box = ellipse_slice(120, 150, centre=(50, 60), axes=(9, 6), seed=5)
+    zoom = ZOOM_VIEWS["zoom"]
+    own = SliceSegmenter(model=model)
+    zoomed = SliceSegmenter(model=model, cache=own.cache, views="rot180,zoom")
+    box_px = np.asarray(box, np.float32)
+    boxes = shrunk_boxes(box_px, own.box_shrinks)
+    logits = own.decode(own.embed(image), boxes=boxes)[0][:, 0].mean(axis=0)
+    turned = own.decode_view(image, boxes, VIEWS["rot180"])[:, 0].mean(axis=0)
+    window = own.decode_view(image, boxes, zoom)[:, 0].mean(axis=0)
+    rows, cols = zoom.window(box_px, image.shape)
+    inside = np.zeros(image.shape, bool)
+    inside[rows, cols] = True
+    assert np.isfinite(window[inside]).all() and np.isnan(window[~inside]).all()
+    assert dice(window[inside] > 0, truth[inside]) > 0.85
+    expected = own.box_mask((logits + turned + np.where(inside, window, logits)) / 3, box_px)
+    calls = own.encoder_calls
+    assert np.array_equal(zoomed.segment(image, box=box), expected) and dice(expected, truth) > 0.85
+    assert np.array_equal(zoomed.segment_many([image], [box])[0], expected)
+    assert zoomed.encoder_calls == 0 and own.encoder_calls == calls == 3  # all three cached by now
+    moved = box_px + np.float32(3)
+    zoomed.segment(image, box=moved)
+    assert zoomed.encoder_calls == 1  # the new box's window; the slice and its turned view are cached
+    clicked = zoomed.segment(image, box=box, points=[(50, 60, True), (10, 10, False)])
+    assert dice(clicked, truth) > 0.85
+
+
 def test_a_click_reaches_as_far_as_the_mistake_it_points_at():
     """A click's disc has ``reach`` × its distance to the nearest pixel of the other kind as radius
     (a negative click inside the mask: to the background; a positive one outside: to the mask),
@@ -492,10 +523,10 @@ def test_workers_take_their_prompt_views_from_the_environment(monkeypatch):
     .env) still means the mirrored view when the new variable is unset."""
     monkeypatch.delenv("STS_PROMPT_VIEWS", raising=False)
     monkeypatch.delenv("STS_MIRROR_PROMPTS", raising=False)
-    assert DEFAULT_PROMPT_VIEWS and prompt_views_from_env(gpu=True) == tuple(VIEWS[n] for n in DEFAULT_PROMPT_VIEWS)
+    assert DEFAULT_PROMPT_VIEWS and prompt_views_from_env(gpu=True) == parse_views(",".join(DEFAULT_PROMPT_VIEWS))
     assert prompt_views_from_env(gpu=False) == ()
     monkeypatch.setenv("STS_PROMPT_VIEWS", "on")
-    assert prompt_views_from_env(gpu=False) == tuple(VIEWS[n] for n in DEFAULT_PROMPT_VIEWS)
+    assert prompt_views_from_env(gpu=False) == parse_views(",".join(DEFAULT_PROMPT_VIEWS))
     for off in ["0", "off", "none"]:
         monkeypatch.setenv("STS_PROMPT_VIEWS", off)
         assert prompt_views_from_env(gpu=True) == ()

@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from core.errors import ConfigError
-from workers.slice_views import MIRRORED, VIEWS, SliceView, parse_views, view_names
+from workers.slice_views import (
+    MIRRORED,
+    VIEWS,
+    ZOOM_FACTOR,
+    ZOOM_MIN_SIDE_PX,
+    ZOOM_VIEWS,
+    SliceView,
+    parse_views,
+    view_names,
+)
 
 ALL = [SliceView("slice"), *VIEWS.values()]
 
@@ -77,3 +86,57 @@ def test_logits_come_back_alike_from_numpy_and_torch(view: SliceView) -> None:
     """Batched pre-annotation maps the views' logits back on the GPU: the same pixels as numpy's."""
     logits = np.random.default_rng(1).normal(size=(2, 5, 7)).astype(np.float32)
     assert np.array_equal(view.back(torch.from_numpy(logits)).numpy(), view.back(logits))
+
+
+ZOOMED = list(ZOOM_VIEWS.values())
+
+
+@pytest.mark.parametrize("view", ZOOMED, ids=lambda v: v.name)
+def test_a_zoomed_view_shows_the_window_around_the_box(view: SliceView) -> None:
+    """A zoomed view crops a square of ``ZOOM_FACTOR`` × the box's longer side around the box (moved
+    inside the slice), then flips and turns it like its whole-slice namesake; its prompts land on the
+    same pixels, and its logits come back on the slice's grid, NaN outside the window."""
+    image = np.arange(60 * 90, dtype=np.float32).reshape(60, 90)
+    box = np.array([30.0, 20.0, 49.0, 29.0])  # 20 × 10 px
+    rows, cols = view.window(box, image.shape)
+    side = round(ZOOM_FACTOR * 20)
+    assert (rows.stop - rows.start, cols.stop - cols.start) == (side, side)
+    assert rows.start <= 20 and rows.stop > 29 and cols.start <= 30 and cols.stop > 49  # the box is in
+    whole = VIEWS.get(view.name.removeprefix("zoom_"), SliceView("slice"))
+    seen = view.image(image, box)
+    assert np.array_equal(seen, whole.image(image[rows, cols]))
+    assert seen.shape == view.view_shape(image.shape, box)
+    back = view.back(seen, box, image.shape)
+    inside = np.zeros(image.shape, bool)
+    inside[rows, cols] = True
+    assert np.array_equal(back[inside], image[inside]) and np.isnan(back[~inside]).all()
+    torch_back = view.back(torch.from_numpy(seen), box, image.shape).numpy()
+    assert np.array_equal(torch_back, back, equal_nan=True)
+    ys, xs = np.mgrid[rows, cols]
+    coords = view.coords(np.stack([xs.ravel(), ys.ravel()], axis=1), image.shape, box)
+    assert np.array_equal(seen[coords[:, 1].astype(int), coords[:, 0].astype(int)], image[rows, cols].ravel())
+    on_view = view.boxes(box[None], image.shape)[0].astype(int)  # the window of the first box by default
+    drawn = np.zeros(image.shape, np.float32)
+    drawn[20:30, 30:50] = 1
+    x0, y0, x1, y1 = on_view
+    assert view.image(drawn, box)[y0 : y1 + 1, x0 : x1 + 1].all() and view.image(drawn, box).sum() == 200
+    with pytest.raises(ValueError, match="box"):
+        view.image(image)
+    with pytest.raises(ValueError, match="mask prompt"):
+        view.model_logits(np.zeros((1, 16, 16), np.float32), (5, 9))
+
+
+def test_a_zoomed_window_stays_inside_the_slice_and_is_never_tiny() -> None:
+    zoom = ZOOM_VIEWS["zoom"]
+    assert zoom.window(np.array([0.0, 0.0, 5.0, 3.0]), (100, 100)) == (slice(0, ZOOM_MIN_SIDE_PX),
+                                                                        slice(0, ZOOM_MIN_SIDE_PX))
+    rows, cols = zoom.window(np.array([80.0, 10.0, 99.0, 40.0]), (50, 100))  # 20 × 31 px at the right edge
+    assert (rows, cols) == (slice(0, 50), slice(100 - round(ZOOM_FACTOR * 31), 100))
+    assert SliceView("slice").window(None, (7, 11)) == (slice(0, 7), slice(0, 11))
+
+
+def test_zoomed_views_parse_by_name() -> None:
+    assert parse_views("zoom, zoom_rot180,rot180") == (ZOOM_VIEWS["zoom"], ZOOM_VIEWS["zoom_rot180"], VIEWS["rot180"])
+    assert all(view.zoom == ZOOM_FACTOR for view in ZOOM_VIEWS.values()) and len(ZOOM_VIEWS) == 8
+    with pytest.raises(ConfigError, match="'zoom_flip_z'"):
+        parse_views("zoom_flip_z")
