@@ -33,7 +33,8 @@ Tried on these patients and rejected (development figures, off-the-shelf model; 
 zooming on the box instead of the slice (a crop of 2-3× its side resized to 256: no gain, the IBSI
 crops already show the tumour at full resolution; averaged in as a view it gains, see
 ``workers.slice_views.ZOOM_VIEWS``); raising the mask threshold (+0.015 on (b), -0.002 on (a)); re-prompting
-with the first mask's box (worse on both); moving the box sides in towards the first mask (helps
+with the first mask's box (worse on both; clipped to the drawn box, or only its far sides moved, it
+trades (a) for (b) one for one: docs/segmentation-notes.md); moving the box sides in towards the first mask (helps
 loose boxes, hurts tight ones: a 0 px box fell from 0.84 to 0.81); a 1.5 px propagation box (won on
 the 12 tuning patients, lost on the other 13). The model over-segments loose boxes (median predicted
 area 1.35× the truth for (b)); that is left to fine-tuning.
@@ -58,6 +59,7 @@ them. Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import os
 import sys
@@ -168,15 +170,39 @@ def summary(values: list[float]) -> str:
     return f"mean {array.mean():.4f}  median {np.median(array):.4f}  (n = {array.size})"
 
 
-def evaluate_slices(segmenter, patients: list[tuple[str, np.ndarray, np.ndarray]], parts: str, seed: int) -> None:
-    """Parts (a), (b), (c): one prompt per slice, Dice per slice; (f): (b) corrected by clicks."""
+def prompt_generators(folders: list[Path], chosen: set[str], seed: int) -> dict[str, np.random.Generator]:
+    """Each chosen patient's generator where the run over all of ``folders`` (sorted) has it on reaching
+    that patient, so that a run on some patients (``--names``) prompts the same loose boxes as the
+    full run and the two can be pooled. Reads the masks of the patients in between to count their draws."""
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(seed)
+    generators: dict[str, np.random.Generator] = {}
+    for folder in folders:
+        if folder.name in chosen:
+            generators[folder.name] = copy.deepcopy(rng)
+        if len(generators) == len(chosen):
+            break
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "MR_T1_mask.nii.gz"))) > 0
+        for _ in slice_prompts(mask, rng):
+            pass
+    return generators
+
+
+def evaluate_slices(segmenter, patients: list[tuple[str, np.ndarray, np.ndarray]], parts: str, seed: int,
+                    generators: dict[str, np.random.Generator] | None = None) -> None:
+    """Parts (a), (b), (c): one prompt per slice, Dice per slice; (f): (b) corrected by clicks.
+
+    ``generators`` (``prompt_generators``) draw each patient's loose boxes; by default one generator
+    from ``seed`` runs through ``patients`` in turn."""
     rng = np.random.default_rng(seed)
     keys = ("a", "b", "c", *(f"f{i}" for i in range(1, CORRECTION_CLICKS + 1)))
     scores: dict[str, list[float]] = {key: [] for key in keys}
     for name, image, mask in patients:
         started = time.perf_counter()
         per_patient: dict[str, list[float]] = {key: [] for key in keys}
-        for z, truth, tight, loose in slice_prompts(mask, rng):
+        prompts = slice_prompts(mask, rng if generators is None else generators[name])
+        for z, truth, tight, loose in prompts:
             if "a" in parts:
                 per_patient["a"].append(dice(segmenter.segment(image[z], box=tight), truth))
             if "b" in parts or "f" in parts:
@@ -325,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--embedding-dir", type=Path, default=DEFAULT_EMBEDDING_DIR)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    parser.add_argument("--names", default="", help="comma-separated patients (instead of --patients)")
+    parser.add_argument("--names", default="", help="comma-separated patients (instead of --patients); their "
+                        "loose boxes are the ones the run over all patients draws for them")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="(d): override a PropagationSettings field, e.g. --set box_margin_px=2 (repeatable)")
     parser.add_argument("--no-naive", action="store_true", help="(d): skip the naive chain")
@@ -409,7 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         patients = [(folder.name, *read_patient(folder)) for folder in folders]
     if set(args.parts) & set("abcf"):
-        evaluate_slices(segmenter, patients, args.parts, args.seed)
+        every = sorted(p for p in args.data_dir.glob("STS_*") if p.is_dir())
+        generators = prompt_generators(every, {name for name, _, _ in patients}, args.seed)
+        evaluate_slices(segmenter, patients, args.parts, args.seed, generators)
     if "d" in args.parts:
         evaluate_propagation(segmenter, patients, with_naive=not args.no_naive,
                              overrides=parse_overrides(parser, args.set))

@@ -10,7 +10,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from eval_segmentation import ERROR_KINDS, correction_click, propagation_errors
+from eval_segmentation import ERROR_KINDS, correction_click, prompt_generators, propagation_errors, slice_prompts
 
 
 def test_wrong_voxels_are_split_by_cause():
@@ -79,3 +79,32 @@ def test_a_set_of_views_is_scored_on_the_average_of_its_logits():
     record.logits = {part: np.stack([slice_view, zoomed]).astype(np.float16) for part in ("a", "b")}
     with ThreadPoolExecutor(2) as pool:
         assert score(segmenter, [record], (0, 1), pool)["a"][0] == 1.0  # averaged inside, the slice's outside
+
+
+def test_a_run_on_some_patients_prompts_the_boxes_of_the_full_run(tmp_path):
+    """``--names`` runs are pooled with full runs: each chosen patient's loose boxes must be the ones
+    the run over every patient draws for it, whatever patients come before it."""
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(7)
+    masks = {}
+    for number, slices in ((1, 3), (2, 5), (3, 4)):
+        mask = np.zeros((slices + 2, 30, 30), np.uint8)
+        for z in range(1, slices + 1):
+            y, x = rng.integers(2, 15, 2)
+            mask[z, y : y + 8, x : x + 9] = 1
+        mask[0, 0:2, 0:2] = 1  # 4 px: under the minimum area, draws nothing
+        folder = tmp_path / f"STS_{number:03d}"
+        folder.mkdir()
+        sitk.WriteImage(sitk.GetImageFromArray(mask), str(folder / "MR_T1_mask.nii.gz"))
+        masks[folder.name] = mask > 0
+    folders = sorted(tmp_path.iterdir())
+    full = np.random.default_rng(0)
+    expected = {name: [loose for _, _, _, loose in slice_prompts(mask, full)] for name, mask in masks.items()}
+    generators = prompt_generators(folders, {"STS_003"}, seed=0)
+    assert set(generators) == {"STS_003"}
+    drawn = [loose for _, _, _, loose in slice_prompts(masks["STS_003"], generators["STS_003"])]
+    assert len(drawn) == 4
+    np.testing.assert_array_equal(drawn, expected["STS_003"])
+    alone = [loose for _, _, _, loose in slice_prompts(masks["STS_003"], np.random.default_rng(0))]
+    assert not np.array_equal(alone, drawn)  # without the others' draws the boxes would differ
