@@ -92,8 +92,14 @@ def read_patient(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     import SimpleITK as sitk
 
     image = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "MR_T1_image.nii.gz"))).astype(np.float32)
-    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "MR_T1_mask.nii.gz"))) > 0
-    return image, mask
+    return image, read_mask(folder)
+
+
+def read_mask(folder: Path) -> np.ndarray:
+    """The tumour mask ``[z, y, x]`` (bool) of one IBSI patient."""
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "MR_T1_mask.nii.gz"))) > 0
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -174,8 +180,6 @@ def prompt_generators(folders: list[Path], chosen: set[str], seed: int) -> dict[
     """Each chosen patient's generator where the run over all of ``folders`` (sorted) has it on reaching
     that patient, so that a run on some patients (``--names``) prompts the same loose boxes as the
     full run and the two can be pooled. Reads the masks of the patients in between to count their draws."""
-    import SimpleITK as sitk
-
     rng = np.random.default_rng(seed)
     generators: dict[str, np.random.Generator] = {}
     for folder in folders:
@@ -183,26 +187,21 @@ def prompt_generators(folders: list[Path], chosen: set[str], seed: int) -> dict[
             generators[folder.name] = copy.deepcopy(rng)
         if len(generators) == len(chosen):
             break
-        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "MR_T1_mask.nii.gz"))) > 0
-        for _ in slice_prompts(mask, rng):
+        for _ in slice_prompts(read_mask(folder), rng):
             pass
     return generators
 
 
-def evaluate_slices(segmenter, patients: list[tuple[str, np.ndarray, np.ndarray]], parts: str, seed: int,
-                    generators: dict[str, np.random.Generator] | None = None) -> None:
+def evaluate_slices(segmenter, patients: list[tuple[str, np.ndarray, np.ndarray]], parts: str,
+                    generators: dict[str, np.random.Generator]) -> None:
     """Parts (a), (b), (c): one prompt per slice, Dice per slice; (f): (b) corrected by clicks.
-
-    ``generators`` (``prompt_generators``) draw each patient's loose boxes; by default one generator
-    from ``seed`` runs through ``patients`` in turn."""
-    rng = np.random.default_rng(seed)
+    ``generators`` (``prompt_generators``) draw each patient's loose boxes."""
     keys = ("a", "b", "c", *(f"f{i}" for i in range(1, CORRECTION_CLICKS + 1)))
     scores: dict[str, list[float]] = {key: [] for key in keys}
     for name, image, mask in patients:
         started = time.perf_counter()
         per_patient: dict[str, list[float]] = {key: [] for key in keys}
-        prompts = slice_prompts(mask, rng if generators is None else generators[name])
-        for z, truth, tight, loose in prompts:
+        for z, truth, tight, loose in slice_prompts(mask, generators[name]):
             if "a" in parts:
                 per_patient["a"].append(dice(segmenter.segment(image[z], box=tight), truth))
             if "b" in parts or "f" in parts:
@@ -438,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     if set(args.parts) & set("abcf"):
         every = sorted(p for p in args.data_dir.glob("STS_*") if p.is_dir())
         generators = prompt_generators(every, {name for name, _, _ in patients}, args.seed)
-        evaluate_slices(segmenter, patients, args.parts, args.seed, generators)
+        evaluate_slices(segmenter, patients, args.parts, generators)
     if "d" in args.parts:
         evaluate_propagation(segmenter, patients, with_naive=not args.no_naive,
                              overrides=parse_overrides(parser, args.set))
