@@ -10,7 +10,8 @@ in percent around the tumour):
 * first call on a slice of a case the workers warmed beforehand: "retrieve predictions" (a
   ``/predict`` without a prompt) enqueues ``preannotate_case``, which, with no automatic model,
   embeds the case's slices ahead of the annotator (``workers.jobs.warm_embeddings``). This is what
-  an annotator meets when a case was opened a minute before its first click.
+  an annotator meets when a case was opened a minute before its first click. A CPU worker averages
+  in its warm views there (``$STS_WARM_PROMPT_VIEWS``); the line says which views the jobs used.
 
 It prints p50/p95 for both, and the time of a "retrieve predictions" call with 1,000 tasks.
 
@@ -183,6 +184,8 @@ def main() -> None:
 
             ids = FinishedJobRegistry("interactive", connection=connection).get_job_ids()
             jobs = sorted(Job.fetch_many(ids, connection=connection), key=lambda j: j.enqueued_at)
+            warmed_views = sorted({",".join(j.return_value().get("views") or ["none"])
+                                   for j in jobs[len(slices) * (args.repeat + 1):]})
             jobs = jobs[: len(slices) * (args.repeat + 1)]  # the cold/repeated phase
             worker_s = [j.return_value()["elapsed_ms"] / 1000 for j in jobs]
             first_worker = [w for i, w in enumerate(worker_s) if i % (args.repeat + 1) == 0]
@@ -196,7 +199,8 @@ def main() -> None:
             print(f"  of which in the job (read PNG, model, RLE): first {percentiles(first_worker)}")
             print(f"                                           repeated {percentiles(repeated_worker)}")
             print(f"first call on a warmed case's slice:    {percentiles(warmed)}  "
-                  f"(the case's {mask.shape[0]} slices warmed in {warm_s:.0f} s)")
+                  f"(the case's {mask.shape[0]} slices warmed in {warm_s:.0f} s; views averaged in: "
+                  f"{' / '.join(warmed_views)})")
             print(f"retrieve predictions, 1000 tasks:       {percentiles(retrieve)}  (25 cases enqueued once)")
         finally:
             server.shutdown()

@@ -198,25 +198,29 @@ def segment_interactive(case_id: str, modality: str, slice_index: int, box: Sequ
         data_dir: the data directory; default ``$STS_DATA_DIR``.
 
     Returns:
-        ``{"rle", "height", "width", "score", "model_version", "elapsed_ms", "pixels", "result"}``:
+        ``{"rle", "height", "width", "score", "model_version", "views", "elapsed_ms", "pixels", "result"}``:
         ``rle`` is Label Studio's brush RLE of the mask, ``result`` the whole brushlabels result
-        (``tumor`` → ``image``, label Tumor), ``score`` None until the model reports a confidence.
+        (``tumor`` → ``image``, label Tumor), ``score`` None until the model reports a confidence,
+        ``views`` the names of the views averaged in with the slice (a CPU worker's warm views
+        count only once warmed, so the same box can differ before and after a warm-up).
 
     Raises:
         InputError: no such slice, or a prompt the model cannot use (outside the image, zero size).
     """
     start = time.perf_counter()
-    from workers.segmentation import segment_slice
+    from workers.segmentation import as_slice, default_segmenter, segment_slice
+    from workers.slice_views import view_names
 
     image = read_slice(_case(data_dir, case_id), modality, slice_index)
+    views = view_names(default_segmenter().views_for([as_slice(image)])) if box is not None else []
     mask = segment_slice(image, box=tuple(box) if box is not None else None,
                          points=[tuple(p) for p in points] if points else None)
     result = mask_to_brush_result(mask, from_name=BRUSH_CONTROL, to_name=IMAGE_KEY, label=TUMOR_LABEL)
     height, width = mask.shape
     return {
         "rle": result["value"]["rle"], "height": int(height), "width": int(width), "score": None,
-        "model_version": _segmentation_version(), "elapsed_ms": _elapsed_ms(start), "pixels": int(mask.sum()),
-        "result": result,
+        "model_version": _segmentation_version(), "views": views, "elapsed_ms": _elapsed_ms(start),
+        "pixels": int(mask.sum()), "result": result,
     }
 
 
@@ -429,7 +433,8 @@ def _warm(volume: np.ndarray, case_id: str, modality: str, data_dir: str | Path 
     Slices go through the encoder one at a time on CPU (one slice is the longest an annotator waits
     behind this job) and 16 at a time on a GPU. The slices as they are come first (a click needs
     them), then each other view that propagation or the prompts use (``$STS_MIRROR_VIEW``: the slice
-    mirrored left-right; ``$STS_PROMPT_VIEWS``), one view of every slice after another.
+    mirrored left-right; ``$STS_PROMPT_VIEWS``; ``$STS_WARM_PROMPT_VIEWS``, which box prompts use only
+    once warmed), one view of every slice after another.
     When a job waits on the interactive or pre-annotation queue (an annotator, a propagation), or
     half the job's time limit has passed, the rest is enqueued as a new ``warm_embeddings`` job at
     the back of the pre-annotation queue.
@@ -447,7 +452,8 @@ def _warm(volume: np.ndarray, case_id: str, modality: str, data_dir: str | Path 
     segmenter = default_segmenter()
     batch = 16 if segmenter.model.device.type == "cuda" else 1
     order = middle_out(len(volume), centre)
-    used = ((MIRRORED,) if propagation_settings_from_env().mirror_weight else ()) + segmenter.views
+    used = (((MIRRORED,) if propagation_settings_from_env().mirror_weight else ()) + segmenter.views
+            + segmenter.warm_views)
     # a zoomed view's window follows the annotator's box: nothing of it can be computed ahead
     other_views = [view for view in dict.fromkeys(used) if view.zoom is None]
     views = [(z, None) for z in order] + [(z, other) for other in other_views for z in order]

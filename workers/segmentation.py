@@ -107,7 +107,8 @@ averaged with the slice's own (``SliceSegmenter.views``): comma-separated view n
 off word (0/off) for the slice alone; an on word for ``DEFAULT_PROMPT_VIEWS``. Unset:
 ``DEFAULT_PROMPT_VIEWS`` when the worker has a GPU, the slice alone on CPU, where each view's encoder
 pass costs 0.7-1.2 s on 2 cores, past the 1.5 s target: once per slice for a whole-slice view (and
-warmed ahead), on every new box for a zoomed one (``prompt_views_from_env``)."""
+warmed ahead), on every new box for a zoomed one (``prompt_views_from_env``). A CPU worker still
+averages in the whole-slice views where they are warm (``WARM_PROMPT_VIEWS_ENV``)."""
 
 LEGACY_MIRROR_PROMPTS_ENV = "STS_MIRROR_PROMPTS"
 """Read when ``$STS_PROMPT_VIEWS`` is unset, with its old meaning: on, the mirrored view alone; off,
@@ -154,6 +155,22 @@ Each whole-slice view is one more image-encoder pass on a slice's first click (a
 more encoder call (of three crops) on every new box, which no warm-up can do ahead, while clicks added
 to the same box reuse them. ``STS_PROMPT_VIEWS=rot180,antitranspose`` keeps the whole-slice views only.
 Clicks without a box keep one view."""
+
+WARM_PROMPT_VIEWS_ENV = "STS_WARM_PROMPT_VIEWS"
+"""Whole-slice views a box prompt is decoded on only where they are warm: when the view's embedding of
+the slice is already cached, because ``workers.jobs.warm_embeddings`` ran it through the encoder
+ahead of the annotator (``SliceSegmenter.warm_views``). Comma-separated view names; an off word or
+'none' for none; an on word for ``DEFAULT_WARM_PROMPT_VIEWS``. Unset: ``DEFAULT_WARM_PROMPT_VIEWS`` on
+CPU, none with a GPU (its ``DEFAULT_PROMPT_VIEWS`` already hold them, warm or not). A zoomed view is
+refused: its window follows the box, so it is never warm (``warm_prompt_views_from_env``)."""
+
+DEFAULT_WARM_PROMPT_VIEWS = ("rot180", "antitranspose")
+"""The GPU default's whole-slice views, used on CPU where warm. A CPU worker cannot afford their encoder
+passes on a click (0.7-1.2 s each on 2 cores, past the 1.5 s target), but a warm-up can: a slice
+embedded ahead in all three views answers a box with three decoder calls and no encoder pass, and
+gets the three views' quality (2 CPU cores, float32, all 25 development patients, mean slice Dice:
+(a) 0.8788 → 0.8907, (b) 0.8257 → 0.8358; see ``DEFAULT_PROMPT_VIEWS``). A slice not warmed yet is
+decoded on the views that are warm (each helps alone on (a)), or alone: never an encoder pass more."""
 
 BOX_SHRINKS_ENV = "STS_BOX_SHRINKS"
 """Comma-separated px overriding ``DEFAULT_BOX_SHRINKS_PX`` in the workers (``box_shrinks_from_env``);
@@ -486,6 +503,9 @@ class SliceSegmenter:
             well, their logits averaged with the slice's own with equal weights (``decode_view``;
             empty: the slice alone; see ``DEFAULT_PROMPT_VIEWS``). Each view is embedded and cached
             on its own. ``propagate`` has its own (``PropagationSettings.mirror_weight``).
+        warm_views: whole-slice views averaged in as ``views`` are, but only where warm: on a slice
+            whose view is already in the cache (``views_for``), so they never cost an encoder pass
+            (CPU workers; see ``DEFAULT_WARM_PROMPT_VIEWS``).
         encoder_calls: slices run through the image encoder so far (cache misses), for tests/metrics.
     """
 
@@ -500,6 +520,7 @@ class SliceSegmenter:
         box_threshold: float = DEFAULT_BOX_THRESHOLD,
         views: str | Sequence[SliceView | str] = (),
         click_reach: float | None = DEFAULT_CLICK_REACH,
+        warm_views: str | Sequence[SliceView | str] = (),
     ) -> None:
         self._model = model
         self._device = torch.device(device) if device is not None else None
@@ -507,12 +528,10 @@ class SliceSegmenter:
         self.box_keep_margin = box_keep_margin
         self.box_shrinks = tuple(float(px) for px in box_shrinks)
         self.box_threshold = float(box_threshold)
-        if isinstance(views, str):
-            views = (views,)
-        self.views = tuple(dict.fromkeys(
-            found for view in views
-            for found in ((view,) if isinstance(view, SliceView) else parse_views(view, "SliceSegmenter views"))
-        ))
+        self.views = _view_tuple(views, "SliceSegmenter views")
+        self.warm_views = tuple(view for view in _view_tuple(warm_views, "SliceSegmenter warm_views")
+                                if view not in self.views)
+        refuse_zoomed(self.warm_views, "SliceSegmenter warm_views")
         if click_reach is not None and click_reach <= 0:
             raise ConfigError(f"click_reach {click_reach}: expected a positive factor, or None for no limit")
         self.click_reach = None if click_reach is None else float(click_reach)
@@ -554,6 +573,13 @@ class SliceSegmenter:
         prepared = [self.prepare(image)[1:] for image in images]
         found = self._embeddings([(model_input, key) for model_input, _, key in prepared], batch_size)
         return [EmbeddedSlice(found[key], frame, key) for _, frame, key in prepared]
+
+    def views_for(self, arrays: Sequence[np.ndarray]) -> tuple[SliceView, ...]:
+        """The views a box prompt on ``arrays`` is decoded on: ``views``, then each of ``warm_views``
+        whose embedding of every one of ``arrays`` is already cached (a key's check, no encoder pass)."""
+        warm = tuple(view for view in self.warm_views
+                     if all(self.prepare(view.image(array))[3] in self.cache for array in arrays))
+        return self.views + warm
 
     def _embeddings(self, inputs: Sequence[tuple[np.ndarray, str]], batch_size: int,
                     on_device: bool = False, store: bool = True) -> dict[str, torch.Tensor]:
@@ -681,11 +707,14 @@ class SliceSegmenter:
         return self.decode_view(image, boxes, MIRRORED, mask_logits=mask_logits, points=points)
 
     def with_views(self, image: np.ndarray, logits: np.ndarray, boxes: np.ndarray,
-                   points: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+                   points: tuple[np.ndarray, np.ndarray] | None = None,
+                   views: Sequence[SliceView] | None = None) -> np.ndarray:
         """``[H, W]``: ``logits`` (``[N, H, W]``, one per box) averaged over the boxes, then averaged
-        with the same prompts decoded on each of ``views`` (unchanged without views)."""
+        with the same prompts decoded on each of ``views`` (default ``views_for`` the slice;
+        unchanged without views)."""
+        views = self.views_for([image]) if views is None else views
         per_view = [logits.mean(axis=0)]
-        per_view += [self.decode_view(image, boxes, view, points=points)[:, 0].mean(axis=0) for view in self.views]
+        per_view += [self.decode_view(image, boxes, view, points=points)[:, 0].mean(axis=0) for view in views]
         return average_views(per_view)
 
     def box_mask(self, average_logits: np.ndarray, box: np.ndarray) -> np.ndarray:
@@ -719,20 +748,20 @@ class SliceSegmenter:
             return self._segment_points(array, point_px)
         if point_px is None:  # a box alone: the batched path (views averaged and cut on the device)
             return self.segment_many([array], [box_px], helper_threads=0)[0]
-        if self.views:  # a first prompt on the slice: all its views through the encoder in one call
-            self.embed_many([array, *(view.image(array, box_px) for view in self.views)],
-                            batch_size=1 + len(self.views))
+        views = self.views_for([array])
+        if views:  # a first prompt on the slice: all its views through the encoder in one call
+            self.embed_many([array, *(view.image(array, box_px) for view in views)], batch_size=1 + len(views))
         embedded = self.embed(array)
         boxes = shrunk_boxes(box_px, self.box_shrinks)
         points = (
             np.repeat(point_px[0][None], len(boxes), axis=0), np.repeat(point_px[1][None], len(boxes), axis=0)
         )
         logits, _ = self.decode(embedded, boxes=boxes, points=points)
-        clicked = self.with_views(array, logits[:, 0], boxes, points)
+        clicked = self.with_views(array, logits[:, 0], boxes, points, views=views)
         if self.click_reach is None:
             return self.box_mask(clicked, box_px)
         box_logits, _ = self.decode(embedded, boxes=boxes)
-        box_only = self.with_views(array, box_logits[:, 0], boxes)
+        box_only = self.with_views(array, box_logits[:, 0], boxes, views=views)
         near = click_reach_region(self.box_mask(box_only, box_px), point_px, self.click_reach)
         return self.box_mask(np.where(near, clicked, box_only), box_px)
 
@@ -759,8 +788,9 @@ class SliceSegmenter:
 
         The masks are the ones ``segment`` gives one slice at a time. The encoder and the decoder
         run on ``batch_size`` slices per call (with ``views``, each view's slices are a batch of their
-        own: one more encoder pass per view); the views' logits are averaged and cut where they were
-        computed, so one byte per pixel comes back to the host. On a GPU the host's share (the
+        own: one more encoder pass per view; ``warm_views`` join where every slice has them cached);
+        the views' logits are averaged and cut where they were computed, so one byte per pixel comes
+        back to the host. On a GPU the host's share (the
         slices' network inputs and keys, the post-processing and ``finish``, e.g. the brush RLE) runs
         on helper threads, overlapped with the GPU's work on the next or previous batch.
 
@@ -780,7 +810,7 @@ class SliceSegmenter:
             if box is None:
                 raise InputError(f"segment_many: image {index} has no box")
         chunks = [range(start, min(start + batch_size, len(arrays))) for start in range(0, len(arrays), batch_size)]
-        views = (None, *self.views)
+        views = (None, *self.views_for(arrays))
 
         def prepare(chunk: range) -> list[list[tuple[np.ndarray, ModelFrame, str]]]:
             return [[self.prepare(arrays[i] if view is None else view.image(arrays[i], checked[i]))[1:]
@@ -921,6 +951,30 @@ class _HostCopy:
             out.append(flat[start : start + size].reshape(shape))
             start += size
         return out
+
+
+def refuse_zoomed(views: tuple[SliceView, ...], source: str) -> tuple[SliceView, ...]:
+    """``views``, if none is zoomed: a zoomed view's window follows the box, so no warm-up can embed it.
+
+    Raises:
+        ConfigError: naming ``source`` and the zoomed views.
+    """
+    zoomed = [view.name for view in views if view.zoom is not None]
+    if zoomed:
+        raise ConfigError(f"{source}: {', '.join(zoomed)} is never warm (a zoomed view's window follows "
+                          f"the box); name it in ${PROMPT_VIEWS_ENV} instead")
+    return views
+
+
+def _view_tuple(views: str | Sequence[SliceView | str], source: str) -> tuple[SliceView, ...]:
+    """Views given as ``SliceView``s and/or names (one string may hold several, comma-separated), in
+    order, each once; an unknown name is a ``ConfigError`` naming ``source``."""
+    if isinstance(views, str):
+        views = (views,)
+    return tuple(dict.fromkeys(
+        found for view in views
+        for found in ((view,) if isinstance(view, SliceView) else parse_views(view, source))
+    ))
 
 
 def average_views(logits: Sequence[ArrayT]) -> ArrayT:
@@ -1606,7 +1660,8 @@ def default_segmenter() -> SliceSegmenter:
     global _DEFAULT_SEGMENTER
     with _DEFAULT_LOCK:
         if _DEFAULT_SEGMENTER is None:
-            segmenter = SliceSegmenter(box_shrinks=box_shrinks_from_env(), views=prompt_views_from_env())
+            segmenter = SliceSegmenter(box_shrinks=box_shrinks_from_env(), views=prompt_views_from_env(),
+                                       warm_views=warm_prompt_views_from_env())
             root = os.environ.get(EMBEDDING_CACHE_ENV)
             if root:
                 segmenter.cache = DiskEmbeddingCache(root, segmenter.model.encoder_version,
@@ -1667,16 +1722,36 @@ def prompt_views_from_env(gpu: bool | None = None) -> tuple[SliceView, ...]:
     Raises:
         ConfigError: an unknown view name, or a legacy value that is not an on/off word.
     """
-    raw = os.environ.get(PROMPT_VIEWS_ENV, "").strip()
-    if not raw and os.environ.get(LEGACY_MIRROR_PROMPTS_ENV, "").strip():
+    if not os.environ.get(PROMPT_VIEWS_ENV, "").strip() and os.environ.get(LEGACY_MIRROR_PROMPTS_ENV, "").strip():
         return (MIRRORED,) if env_flag(LEGACY_MIRROR_PROMPTS_ENV) else ()
-    if not raw:
-        raw = "on" if (torch.cuda.is_available() if gpu is None else gpu) else "off"
+    gpu = torch.cuda.is_available() if gpu is None else gpu
+    return _views_from_env(PROMPT_VIEWS_ENV, DEFAULT_PROMPT_VIEWS, on_when_unset=gpu)
+
+
+def warm_prompt_views_from_env(gpu: bool | None = None) -> tuple[SliceView, ...]:
+    """``SliceSegmenter.warm_views`` as ``$STS_WARM_PROMPT_VIEWS`` sets it (see ``WARM_PROMPT_VIEWS_ENV``).
+
+    Args:
+        gpu: whether the model runs on a GPU (default: whether torch sees CUDA), the default when unset.
+
+    Raises:
+        ConfigError: an unknown view name or a zoomed one (never warm), naming the variable.
+    """
+    gpu = torch.cuda.is_available() if gpu is None else gpu
+    views = _views_from_env(WARM_PROMPT_VIEWS_ENV, DEFAULT_WARM_PROMPT_VIEWS, on_when_unset=not gpu)
+    return refuse_zoomed(views, f"${WARM_PROMPT_VIEWS_ENV}={os.environ.get(WARM_PROMPT_VIEWS_ENV, '')!r}")
+
+
+def _views_from_env(variable: str, default: Sequence[str], on_when_unset: bool) -> tuple[SliceView, ...]:
+    """The views a views variable names: view names; an on word for ``default``, an off word (or
+    'none') for none; unset or empty, ``default`` if ``on_when_unset``. A bad name → a ``ConfigError``
+    naming the variable and its value."""
+    raw = os.environ.get(variable, "").strip() or ("on" if on_when_unset else "off")
     if raw.lower() in FLAG_ON:
-        return parse_views(",".join(DEFAULT_PROMPT_VIEWS), "DEFAULT_PROMPT_VIEWS")
+        return parse_views(",".join(default), f"the default of ${variable}")
     if raw.lower() in FLAG_OFF:
         return ()
-    return parse_views(raw, f"${PROMPT_VIEWS_ENV}={raw!r}")
+    return parse_views(raw, f"${variable}={raw!r}")
 
 
 def embedding_cache_budget_bytes() -> int:

@@ -73,6 +73,36 @@ def test_box_prompt_segments_the_tumour(case) -> None:
     assert score > 0.85
 
 
+def test_a_click_averages_in_the_warm_views_once_the_slice_is_warmed(case, monkeypatch) -> None:
+    """A CPU worker (prompt views off, ``$STS_WARM_PROMPT_VIEWS`` on): before the warm-up a box is
+    decoded on the slice alone; once the slice's views are embedded, the same box is decoded on them
+    too, with no encoder pass, and the job says which views it averaged."""
+    from workers.jobs import read_slice
+    from workers.segmentation import SliceSegmenter
+
+    data_dir, truth = case
+    monkeypatch.setenv("STS_PROMPT_VIEWS", "off")
+    monkeypatch.setenv("STS_WARM_PROMPT_VIEWS", "rot180,antitranspose")
+    monkeypatch.setattr(workers.segmentation, "_DEFAULT_SEGMENTER", None)
+    box = truth_box(truth[SEED])
+    before = segment_interactive(CASE, "T2", SEED, box=box, data_dir=data_dir)
+    assert before["views"] == []
+    segmenter = workers.segmentation.default_segmenter()
+    image = read_slice(CaseStore(data_dir).case(CASE), "T2", SEED)
+    segmenter.embed_many([VIEWS["rot180"].image(image), VIEWS["antitranspose"].image(image)])  # the warm-up's work
+    calls = segmenter.encoder_calls
+    after = segment_interactive(CASE, "T2", SEED, box=box, data_dir=data_dir)
+    assert after["views"] == ["rot180", "antitranspose"] and segmenter.encoder_calls == calls
+    mask = decode_rle(after["rle"], after["height"], after["width"])
+    expected = SliceSegmenter(model=segmenter.model, cache=segmenter.cache, views="rot180,antitranspose")
+    np.testing.assert_array_equal(mask, expected.segment(image, box=box))
+    assert dice(mask, truth[SEED]) > 0.85
+    clicked = segment_interactive(CASE, "T2", SEED, points=[[float(box[0] + box[2]) / 2, float(box[1] + box[3]) / 2,
+                                                             True]], data_dir=data_dir)
+    assert clicked["views"] == []  # clicks alone keep one view
+    monkeypatch.setattr(workers.segmentation, "_DEFAULT_SEGMENTER", None)
+
+
 def test_clicks_alone_segment_the_tumour(case) -> None:
     data_dir, truth = case
     ys, xs = np.nonzero(truth[SEED])
@@ -253,7 +283,8 @@ def test_warming_makes_way_for_annotators_and_serves_another_worker(case, redis_
     first.refresh()
     result = first.return_value()
     assert first.is_finished and result["yielded"] and result["embedded"] == 1 and result["shared"]
-    assert result["views"] == 2 and result["left"] == 2 * truth.shape[0] - 1  # each slice, then each mirrored
+    views = 2 + len(workers.segmentation.warm_prompt_views_from_env())  # on CPU: + rot180 + antitranspose
+    assert result["views"] == views and result["left"] == views * truth.shape[0] - 1  # each slice, then each view
     assert preannotate.count == 1  # the third part waits behind the annotator
     rest = preannotate.jobs[0]
     assert rest.func_name == WARM_EMBEDDINGS_JOB and rest.kwargs["centre"] == SEED  # same order: SEED - 1 next
@@ -268,12 +299,14 @@ def test_warming_makes_way_for_annotators_and_serves_another_worker(case, redis_
 
 
 def test_warming_embeds_each_view_the_worker_uses_once(case, redis_db, monkeypatch) -> None:
-    """Propagation's mirrored view and the box prompts' views (``$STS_PROMPT_VIEWS``) are all warmed,
-    a view that both use only once: the slices first, then one view of all slices after another. A
-    zoomed view is not warmed: its window follows the annotator's box."""
+    """Propagation's mirrored view and the box prompts' views (``$STS_PROMPT_VIEWS``, and
+    ``$STS_WARM_PROMPT_VIEWS``, which prompts use once warm) are all warmed, a view that several use
+    only once: the slices first, then one view of all slices after another. A zoomed view is not
+    warmed: its window follows the annotator's box."""
     data_dir, truth = case
     monkeypatch.setenv("STS_DATA_DIR", str(data_dir))
     monkeypatch.setenv("STS_PROMPT_VIEWS", "flip_x,rot180,zoom")
+    monkeypatch.setenv("STS_WARM_PROMPT_VIEWS", "rot180,transpose")
     monkeypatch.setattr(workers.segmentation, "_DEFAULT_SEGMENTER", None)
     Queue(INTERACTIVE_QUEUE, connection=redis_db).enqueue_call(
         SEGMENT_INTERACTIVE_JOB, kwargs={"case_id": CASE, "modality": "T2", "slice_index": 0, "box": [1, 1, 9, 9]})
@@ -281,8 +314,9 @@ def test_warming_embeds_each_view_the_worker_uses_once(case, redis_db, monkeypat
     job = preannotate.enqueue_call(WARM_EMBEDDINGS_JOB, kwargs={"case_id": CASE, "modality": "T2", "centre": SEED})
     SimpleWorker([preannotate], connection=redis_db).work(burst=True, max_jobs=1, with_scheduler=False)
     result = job.return_value()
-    assert result["views"] == 3 and result["embedded"] == 1 and result["left"] == 3 * truth.shape[0] - 1
+    assert result["views"] == 4 and result["embedded"] == 1 and result["left"] == 4 * truth.shape[0] - 1
     assert workers.segmentation.default_segmenter().views == (VIEWS["flip_x"], VIEWS["rot180"], ZOOM_VIEWS["zoom"])
+    assert workers.segmentation.default_segmenter().warm_views == (VIEWS["transpose"],)
     monkeypatch.setattr(workers.segmentation, "_DEFAULT_SEGMENTER", None)
 
 

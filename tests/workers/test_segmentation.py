@@ -34,6 +34,7 @@ from workers.segmentation import (
     DEFAULT_CLICK_REACH,
     DEFAULT_PROMPT_VIEWS,
     DEFAULT_PROPAGATION,
+    DEFAULT_WARM_PROMPT_VIEWS,
     EmbeddingCache,
     NoAutomaticModelError,
     SeedClassifier,
@@ -56,6 +57,7 @@ from workers.segmentation import (
     shrunk_boxes,
     signed_distance,
     taper_cuts,
+    warm_prompt_views_from_env,
 )
 from workers.slice_views import MIRRORED, VIEWS, ZOOM_VIEWS, parse_views
 
@@ -472,6 +474,40 @@ def test_a_zoomed_view_averages_in_inside_its_window(model):
     assert dice(clicked, truth) > 0.85
 
 
+def test_warm_views_join_a_box_prompt_only_once_warmed(model):
+    """``warm_views`` cost no encoder pass: a box on a slice whose views are not cached is decoded on
+    the slice alone (as without them), on each view as it becomes warm, and once all are warm the
+    mask is the one a segmenter with the same ``views`` gives, by ``segment``, with clicks, and by
+    ``segment_many``. A view in both lists is kept once; a zoomed one is refused (never warm)."""
+    image, truth, box = ellipse_slice(100, 120, centre=(48, 55), axes=(16, 11), seed=6)
+    points = [(55, 48, True), (5, 5, False)]
+    own = SliceSegmenter(model=model)
+    warm = SliceSegmenter(model=model, cache=own.cache, warm_views="rot180,antitranspose")
+    three = SliceSegmenter(model=model, cache=own.cache, views="rot180,antitranspose")
+    assert warm.views == () and warm.warm_views == (VIEWS["rot180"], VIEWS["antitranspose"])
+    alone = own.segment(image, box=box)
+    assert warm.views_for([image]) == () and np.array_equal(warm.segment(image, box=box), alone)
+    assert np.array_equal(warm.segment(image, box=box, points=points), own.segment(image, box=box, points=points))
+    assert warm.encoder_calls == 0 and own.encoder_calls == 1
+
+    own.embed(VIEWS["antitranspose"].image(image))  # a warm-up, one view at a time
+    assert warm.views_for([image]) == (VIEWS["antitranspose"],)
+    own.embed(VIEWS["rot180"].image(image))
+    assert warm.views_for([image]) == (VIEWS["rot180"], VIEWS["antitranspose"])  # in the order given
+    other = ellipse_slice(100, 120, centre=(50, 60), axes=(12, 9), seed=7)[0]
+    assert warm.views_for([image, other]) == ()  # a view counts only where every slice has it
+    expected = three.segment(image, box=box)
+    assert not np.array_equal(expected, alone) and dice(expected, truth) > 0.85
+    assert np.array_equal(warm.segment(image, box=box), expected)
+    assert np.array_equal(warm.segment_many([image], [box])[0], expected)
+    assert np.array_equal(warm.segment(image, box=box, points=points), three.segment(image, box=box, points=points))
+    assert warm.encoder_calls == three.encoder_calls == 0 and own.encoder_calls == 3
+
+    assert SliceSegmenter(model=model, views="rot180", warm_views="rot180,flip_x").warm_views == (MIRRORED,)
+    with pytest.raises(ConfigError, match="zoom_rot180 is never warm"):
+        SliceSegmenter(model=model, warm_views="rot180,zoom_rot180")
+
+
 def test_a_click_reaches_as_far_as_the_mistake_it_points_at():
     """A click's disc has ``reach`` × its distance to the nearest pixel of the other kind as radius
     (a negative click inside the mask: to the background; a positive one outside: to the mask),
@@ -543,6 +579,28 @@ def test_workers_take_their_prompt_views_from_the_environment(monkeypatch):
     monkeypatch.setenv("STS_MIRROR_PROMPTS", "maybe")
     with pytest.raises(ConfigError, match="STS_MIRROR_PROMPTS"):
         prompt_views_from_env(gpu=True)
+
+
+def test_workers_take_their_warm_prompt_views_from_the_environment(monkeypatch):
+    """``$STS_WARM_PROMPT_VIEWS``: unset → ``DEFAULT_WARM_PROMPT_VIEWS`` on CPU (where the prompt views
+    are off), none with a GPU (whose prompt views hold them anyway); on/off words or whole-slice view
+    names; a zoomed or unknown view → a ConfigError naming the variable."""
+    monkeypatch.delenv("STS_WARM_PROMPT_VIEWS", raising=False)
+    assert DEFAULT_WARM_PROMPT_VIEWS == ("rot180", "antitranspose")
+    assert set(DEFAULT_WARM_PROMPT_VIEWS) <= set(DEFAULT_PROMPT_VIEWS)
+    assert warm_prompt_views_from_env(gpu=False) == (VIEWS["rot180"], VIEWS["antitranspose"])
+    assert warm_prompt_views_from_env(gpu=True) == ()
+    monkeypatch.setenv("STS_WARM_PROMPT_VIEWS", "on")
+    assert warm_prompt_views_from_env(gpu=True) == (VIEWS["rot180"], VIEWS["antitranspose"])
+    for off in ["0", "off", "none"]:
+        monkeypatch.setenv("STS_WARM_PROMPT_VIEWS", off)
+        assert warm_prompt_views_from_env(gpu=False) == ()
+    monkeypatch.setenv("STS_WARM_PROMPT_VIEWS", "flip_x, transpose")
+    assert warm_prompt_views_from_env(gpu=False) == (MIRRORED, VIEWS["transpose"])
+    for bad, problem in [("rot180,zoom", "zoom is never warm"), ("flip_z", "unknown view")]:
+        monkeypatch.setenv("STS_WARM_PROMPT_VIEWS", bad)
+        with pytest.raises(ConfigError, match=f"STS_WARM_PROMPT_VIEWS.*{problem}"):
+            warm_prompt_views_from_env(gpu=False)
 
 
 def test_workers_take_their_box_shrinks_from_the_environment(monkeypatch):

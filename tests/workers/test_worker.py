@@ -17,9 +17,16 @@ def test_worker_switches_report_the_environment(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.delenv("STS_MIRROR_VIEW", raising=False)
     monkeypatch.setenv("STS_PROMPT_VIEWS", "flip_x,transpose")
     monkeypatch.setenv("STS_WARM_EMBEDDINGS", "off")
-    assert worker_switches() == {"mirror_view": True, "prompt_views": "flip_x,transpose", "warm_embeddings": False}
+    monkeypatch.setenv("STS_WARM_PROMPT_VIEWS", "rot180,transpose")  # transpose is in the prompt views already
+    assert worker_switches() == {"mirror_view": True, "prompt_views": "flip_x,transpose",
+                                 "warm_prompt_views": "rot180", "warm_embeddings": False}
     monkeypatch.setenv("STS_PROMPT_VIEWS", "off")
-    assert worker_switches()["prompt_views"] == "none"
+    monkeypatch.setenv("STS_WARM_PROMPT_VIEWS", "off")
+    assert worker_switches()["prompt_views"] == worker_switches()["warm_prompt_views"] == "none"
+    monkeypatch.setenv("STS_WARM_PROMPT_VIEWS", "zoom")
+    with pytest.raises(ConfigError, match="STS_WARM_PROMPT_VIEWS"):
+        worker_switches()
+    monkeypatch.setenv("STS_WARM_PROMPT_VIEWS", "")
     monkeypatch.setenv("STS_PROMPT_VIEWS", "flip_z")
     with pytest.raises(ConfigError, match="STS_PROMPT_VIEWS"):
         worker_switches()
