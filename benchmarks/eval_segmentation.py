@@ -375,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from core.errors import ConfigError
     from workers.models import load_litemedsam
+    from workers.models.litemedsam import encoder_precision, precision_version
     from workers.segmentation import (
         DEFAULT_BOX_SHRINKS_PX,
         DEFAULT_BOX_THRESHOLD,
@@ -397,11 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     model = load_litemedsam()
     print(
         f"DEVELOPMENT figures (not held-out): {len(folders)} IBSI STS T1 patients, {model.version}, "
-        f"device {model.device}\nData: TCIA Soft-tissue-Sarcoma (Vallières et al. 2015, "
-        "DOI 10.7937/K9/TCIA.2015.7GO2GSKS), CC BY 3.0",
+        f"device {model.device}, image encoder in {encoder_precision(model.device)}\n"
+        "Data: TCIA Soft-tissue-Sarcoma (Vallières et al. 2015, DOI 10.7937/K9/TCIA.2015.7GO2GSKS), CC BY 3.0",
         flush=True,
     )
-    cache = DiskEmbeddingCache(args.embedding_dir, model.encoder_version, max_entries=512)
+    cache = DiskEmbeddingCache(args.embedding_dir, precision_version(model), max_entries=512)
     shrinks = DEFAULT_BOX_SHRINKS_PX
     if args.box_shrinks is not None:
         try:

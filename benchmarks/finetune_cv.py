@@ -342,13 +342,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from workers.finetune import save_finetuned
     from workers.models import DecoderEnsemble, load_litemedsam
-    from workers.models.litemedsam import MASK_PROMPT_LOGIT
+    from workers.models.litemedsam import MASK_PROMPT_LOGIT, precision_version
     from workers.segmentation import DEFAULT_PROPAGATION, DiskEmbeddingCache, SliceSegmenter
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     base = load_litemedsam("cuda" if torch.cuda.is_available() else "cpu")
-    args.cache = DiskEmbeddingCache(args.embedding_dir, base.encoder_version, max_entries=4096)
+    args.cache = DiskEmbeddingCache(args.embedding_dir, precision_version(base), max_entries=4096)
     wanted_names = [p for p in args.patients.split(",") if p]
     from pack_ibsi import dev_patients
 

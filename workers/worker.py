@@ -83,6 +83,7 @@ def worker_switches() -> dict[str, bool | str]:
     """The ``STS_*`` switches the jobs will read, read once at start so that a typo stops the
     worker with a ``ConfigError`` naming the variable instead of failing every job later."""
     from workers.jobs import warming_enabled
+    from workers.models.litemedsam import cpu_bf16_enabled
     from workers.segmentation import prompt_views_from_env, propagation_settings_from_env, warm_prompt_views_from_env
     from workers.slice_views import view_names
 
@@ -91,7 +92,7 @@ def worker_switches() -> dict[str, bool | str]:
     return {"mirror_view": propagation_settings_from_env().mirror_weight > 0,
             "prompt_views": ",".join(view_names(prompt_views)) or "none",
             "warm_prompt_views": ",".join(view_names(warm_views)) or "none",
-            "warm_embeddings": warming_enabled()}
+            "warm_embeddings": warming_enabled(), "cpu_bf16": cpu_bf16_enabled()}
 
 
 def _pid_alive(pid: int) -> bool:

@@ -135,18 +135,51 @@ def test_model_is_loaded_once_per_process(model):
     assert model.version == f"litemedsam-{LITEMEDSAM_SHA256[:12]}"
 
 
-def test_the_encoder_runs_channels_last_and_embeds_as_the_plain_layout_does(model):
+def test_the_encoder_runs_channels_last_and_embeds_as_the_plain_layout_does(model, monkeypatch):
     """NHWC weights are a CPU speed-up only: the embedding must be the one the NCHW encoder gives."""
     import copy
 
     import torch
 
+    monkeypatch.setenv("STS_CPU_BF16", "off")  # float32, as the plain encoder runs
     plain = copy.deepcopy(model.image_encoder).to(memory_format=torch.contiguous_format)
     conv = next(m for m in model.image_encoder.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     images = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         assert torch.allclose(model.embed(images), plain(images), atol=1e-4)
+
+
+def test_the_cpu_encoder_runs_in_bfloat16_where_asked_and_segments_a_real_tumour_as_float32_does(
+        shared_data: Path, ibsi_cache: EmbeddingCache, monkeypatch):
+    """``$STS_CPU_BF16``: unset is off, auto follows the CPU's AMX tiles, on/off force it. Under bfloat16 the
+    embeddings of real slices stay within 10 % (relative norm) of float32's, and a tight box's mask on
+    each of them overlaps float32's by Dice > 0.95: a speed choice, not another model."""
+    import torch
+
+    from workers.models.litemedsam import cpu_bf16_enabled, cpu_has_amx, encoder_precision
+
+    monkeypatch.delenv("STS_CPU_BF16", raising=False)
+    assert not cpu_bf16_enabled() and encoder_precision("cpu") == "float32" and encoder_precision("cuda") == "bfloat16"
+    monkeypatch.setenv("STS_CPU_BF16", "auto")
+    assert cpu_bf16_enabled() == cpu_has_amx()
+    monkeypatch.setenv("STS_CPU_BF16", "maybe")
+    with pytest.raises(ConfigError, match="STS_CPU_BF16"):
+        cpu_bf16_enabled()
+    volume, mask, _ = ibsi_patient(shared_data, "STS_005")
+    slices = [int(z) for z in np.flatnonzero(mask.reshape(len(mask), -1).sum(axis=1) >= 20)][::8][:3]
+    masks, embeddings = {}, {}
+    for precision in ("off", "on"):
+        monkeypatch.setenv("STS_CPU_BF16", precision)
+        assert encoder_precision("cpu") == ("bfloat16" if precision == "on" else "float32")
+        segmenter = SliceSegmenter(model=load_litemedsam("cpu"))  # its own memory cache: no reuse across precisions
+        embeddings[precision] = torch.cat([segmenter.embed(volume[z]).embedding for z in slices])
+        masks[precision] = [segmenter.segment(volume[z], box=(xs.min() - 5, ys.min() - 5, xs.max() + 5, ys.max() + 5))
+                            for z in slices for ys, xs in [np.nonzero(mask[z])]]
+    relative = float((embeddings["on"] - embeddings["off"]).norm() / embeddings["off"].norm())
+    overlaps = [dice(a, b) for a, b in zip(masks["on"], masks["off"], strict=True)]
+    print(f"\nbfloat16 vs float32 on STS_005 slices {slices}: embedding {relative:.3f}, mask Dice {overlaps}")
+    assert 0 < relative < 0.10 and min(overlaps) > 0.95
 
 
 def test_wrong_hash_is_refused_naming_path_and_both_hashes():

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from core.errors import ConfigError
+from workers.models.litemedsam import cpu_has_amx
 from workers.worker import worker_switches
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -18,8 +19,15 @@ def test_worker_switches_report_the_environment(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("STS_PROMPT_VIEWS", "flip_x,transpose")
     monkeypatch.setenv("STS_WARM_EMBEDDINGS", "off")
     monkeypatch.setenv("STS_WARM_PROMPT_VIEWS", "rot180,transpose")  # transpose is in the prompt views already
+    monkeypatch.setenv("STS_CPU_BF16", "on")
     assert worker_switches() == {"mirror_view": True, "prompt_views": "flip_x,transpose",
-                                 "warm_prompt_views": "rot180", "warm_embeddings": False}
+                                 "warm_prompt_views": "rot180", "warm_embeddings": False, "cpu_bf16": True}
+    monkeypatch.setenv("STS_CPU_BF16", "auto")
+    assert worker_switches()["cpu_bf16"] == cpu_has_amx()
+    monkeypatch.setenv("STS_CPU_BF16", "sometimes")
+    with pytest.raises(ConfigError, match=r"STS_CPU_BF16='sometimes'.*or auto"):
+        worker_switches()
+    monkeypatch.delenv("STS_CPU_BF16")
     monkeypatch.setenv("STS_PROMPT_VIEWS", "off")
     monkeypatch.setenv("STS_WARM_PROMPT_VIEWS", "off")
     assert worker_switches()["prompt_views"] == worker_switches()["warm_prompt_views"] == "none"

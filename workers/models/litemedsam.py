@@ -34,7 +34,8 @@ import torch.nn as nn
 from torch.nn import functional
 
 from core.case_store import sha256_file
-from core.errors import ProjectError
+from core.errors import ConfigError, ProjectError
+from core.settings import env_flag
 
 DEFAULT_IMAGE_SIZE = 256
 """Side (px) of the square LiteMedSAM was trained on and sees at inference."""
@@ -48,6 +49,17 @@ LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c302
 DECODER_ENV = "STS_LITEMEDSAM_DECODER"
 """Environment variable naming a fine-tuned checkpoint (``workers.finetune.save_finetuned``: decoder,
 optionally encoder) that the workers load over the base weights."""
+
+CPU_BF16_ENV = "STS_CPU_BF16"
+"""Whether the image encoder runs under bfloat16 autocast on a CPU: on/off words (unset: off), or
+``auto``: on where the CPU has AMX tiles (Intel Xeon 4th generation and later), whose bfloat16
+matrix units run TinyViT twice as fast (2 cores: 849 → 407 ms per slice). Without AMX, bfloat16 has
+no matrix units to run on (an earlier session found CPU autocast slower than float32 there). The
+embeddings differ from float32's by 4-8 % (relative norm), as a GPU's bfloat16 ones do; box prompts'
+mean slice Dice on the 25 development patients moved by less than its noise, but propagation's
+stopping rule (thresholds on embedding likeness) has not been scored under it yet, so the default
+stays float32 until it has (see ``docs/segmentation-notes.md``, "The image encoder on a CPU"). Read
+on every ``embed`` call (``cpu_bf16_enabled``)."""
 
 DEFAULT_INTENSITY_PERCENTILES = (0.5, 99.5)
 """Percentiles a slice is clipped to before min-max scaling: MedSAM's MR preprocessing clipped MR
@@ -168,16 +180,15 @@ class LiteMedSAM(nn.Module):
         ``[B, 256, 64, 64]`` (float32).
 
         On CUDA the encoder runs under bfloat16 autocast (faster, and TinyViT's LayerNorm/softmax are
-        kept in float32 by autocast); on CPU it runs in float32, since CPU autocast is slower there.
+        kept in float32 by autocast); on CPU too where ``cpu_bf16_enabled`` (AMX), else in float32.
         """
         # non-blocking: a blocking copy would first wait for all the GPU's queued work
         images = images.to(self.device, torch.float32, non_blocking=True)
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
         images = images.contiguous(memory_format=torch.channels_last)
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
-        )
+        bf16 = encoder_precision(self.device) == "bfloat16"
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         with autocast:
             embedding = self.image_encoder(images)
         return embedding.float()
@@ -261,6 +272,40 @@ class LiteMedSAM(nn.Module):
 MASK_PROMPT_LOGIT = 8.0
 """Magnitude of the logits a 0-1 mask becomes as SAM's dense mask prompt (``mask_prompt_logits``):
 fine-tuning and propagation must give the decoder the same scale."""
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (bfloat16 matrix units), as torch's CPU feature probe says."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
+def cpu_bf16_enabled() -> bool:
+    """``$STS_CPU_BF16`` (see ``CPU_BF16_ENV``): on/off words (unset: off), or ``auto`` for ``cpu_has_amx``.
+
+    Raises:
+        ConfigError: any other value, naming the variable.
+    """
+    if os.environ.get(CPU_BF16_ENV, "").strip().lower() == "auto":
+        return cpu_has_amx()
+    try:
+        return env_flag(CPU_BF16_ENV, default=False)
+    except ConfigError as error:
+        raise ConfigError(f"{error} (or auto)") from None
+
+
+def encoder_precision(device: torch.device | str) -> str:
+    """'bfloat16' or 'float32': how ``LiteMedSAM.embed`` runs the image encoder on ``device`` (for
+    benchmark headers and the workers' start-up switches as well)."""
+    kind = torch.device(device).type
+    return "bfloat16" if kind == "cuda" or (kind == "cpu" and cpu_bf16_enabled()) else "float32"
+
+
+def precision_version(model: Any) -> str:
+    """``model.encoder_version`` with ``encoder_precision``: the folder of the benchmarks' disk caches,
+    where a comparison of precisions must not reuse one's embeddings for the other. (The workers key
+    by ``encoder_version`` alone: bfloat16 and float32 embeddings of a slice answer a prompt alike.)"""
+    return f"{model.encoder_version}-{encoder_precision(model.device)}"
 
 
 def mask_prompt_logits(mask: torch.Tensor | np.ndarray, magnitude: float = MASK_PROMPT_LOGIT) -> Any:
