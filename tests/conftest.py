@@ -11,7 +11,8 @@ Services (real processes, one per test session, stopped at the end; see ``tests/
   ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT`` (local-files storages must point to sub-folders of it).
 * ``ls_client``    -- ``label_studio_sdk.LabelStudio`` authenticated with the admin's legacy token.
 
-Always on: ``clean_environ`` restores ``os.environ`` after each test.
+Always on: ``clean_environ`` restores ``os.environ`` after each test; ``$STS_CPU_BF16`` defaults to off
+(float32 image encoder) for the whole session, see below.
 
 Without a Label Studio install, tests using it are skipped (``pytest.fail`` when ``$CI`` is set).
 Add further fixtures (data paths, ...) in their own section below.
@@ -31,6 +32,12 @@ import redis
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+# The image encoder runs in float32 on every CPU here (``$STS_CPU_BF16``, whose default is bfloat16 where
+# the CPU has AMX): the real-patient margins the tests assert were measured in float32, and the suite must
+# reach the same verdicts on a machine with or without AMX. The bfloat16 path has tests of its own that
+# set the variable; worker processes that tests start inherit it. Set it to run the suite otherwise.
+os.environ.setdefault("STS_CPU_BF16", "off")
 
 from tests.services import (  # noqa: E402
     LabelStudioNotInstalledError,

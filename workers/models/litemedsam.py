@@ -51,15 +51,15 @@ DECODER_ENV = "STS_LITEMEDSAM_DECODER"
 optionally encoder) that the workers load over the base weights."""
 
 CPU_BF16_ENV = "STS_CPU_BF16"
-"""Whether the image encoder runs under bfloat16 autocast on a CPU: on/off words (unset: off), or
-``auto``: on where the CPU has AMX tiles (Intel Xeon 4th generation and later), whose bfloat16
-matrix units run TinyViT twice as fast (2 cores: 849 → 407 ms per slice). Without AMX, bfloat16 has
-no matrix units to run on (an earlier session found CPU autocast slower than float32 there). The
-embeddings differ from float32's by 4-8 % (relative norm), as a GPU's bfloat16 ones do; box prompts'
-mean slice Dice on the 25 development patients moved by less than its noise, but propagation's
-stopping rule (thresholds on embedding likeness) has not been scored under it yet, so the default
-stays float32 until it has (see ``docs/segmentation-notes.md``, "The image encoder on a CPU"). Read
-on every ``embed`` call (``cpu_bf16_enabled``)."""
+"""Whether the image encoder runs under bfloat16 autocast on a CPU: on/off words, or ``auto`` (the
+default, also when unset): on where the CPU has AMX tiles (Intel Xeon 4th generation and later),
+whose bfloat16 matrix units run TinyViT twice as fast (2 cores: 849 → 407 ms per slice; a first
+click through HTTP and a worker 989-1232 → 724 ms p50). Without AMX, bfloat16 has no matrix units
+to run on (an earlier session found CPU autocast slower than float32 there), so auto keeps float32.
+The embeddings differ from float32's by 4-8 % (relative norm), as a GPU's bfloat16 ones do; on the
+25 development patients (two CPU cores) box prompts gave (a) 0.8788 → 0.8811, (b) 0.8257 → 0.8252,
+and propagation (d) 0.8505 → 0.8563 (see ``docs/segmentation-notes.md``, "The image encoder on a
+CPU"). Read on every ``embed`` call (``cpu_bf16_enabled``)."""
 
 DEFAULT_INTENSITY_PERCENTILES = (0.5, 99.5)
 """Percentiles a slice is clipped to before min-max scaling: MedSAM's MR preprocessing clipped MR
@@ -281,15 +281,15 @@ def cpu_has_amx() -> bool:
 
 
 def cpu_bf16_enabled() -> bool:
-    """``$STS_CPU_BF16`` (see ``CPU_BF16_ENV``): on/off words (unset: off), or ``auto`` for ``cpu_has_amx``.
+    """``$STS_CPU_BF16`` (see ``CPU_BF16_ENV``): on/off words, or ``auto`` (or unset) for ``cpu_has_amx``.
 
     Raises:
         ConfigError: any other value, naming the variable.
     """
-    if os.environ.get(CPU_BF16_ENV, "").strip().lower() == "auto":
+    if os.environ.get(CPU_BF16_ENV, "").strip().lower() in ("", "auto"):
         return cpu_has_amx()
     try:
-        return env_flag(CPU_BF16_ENV, default=False)
+        return env_flag(CPU_BF16_ENV)
     except ConfigError as error:
         raise ConfigError(f"{error} (or auto)") from None
 
