@@ -130,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from core.errors import ConfigError
     from workers import segmentation
+    from workers.embedding_cache import EmbeddingCache
     from workers.models import load_litemedsam
-    from workers.segmentation import EmbeddingCache, SliceSegmenter
+    from workers.segmentation import SliceSegmenter
     from workers.slice_views import parse_views, view_names, views_label
 
     try:
@@ -190,7 +191,8 @@ def host_share(pngs: list[bytes], truths: list[np.ndarray], boxes: list[tuple]) 
     with N slices/s only while its share stays under 1000/N ms."""
     from core.brush_rle import mask_to_brush_result
     from workers.models import load_litemedsam
-    from workers.segmentation import SliceSegmenter, check_box
+    from workers.segmentation import SliceSegmenter
+    from workers.slice_masks import check_box
 
     images = [cv2.imdecode(np.frombuffer(p, np.uint8), cv2.IMREAD_UNCHANGED) for p in pngs]
     checked = [check_box(box, image.shape) for image, box in zip(images, boxes, strict=True)]
@@ -219,7 +221,9 @@ def stages(model, pngs: list[bytes], boxes: list[tuple], batch_size: int) -> Non
     alone, each over all slices: where a faster pre-annotation has to look."""
     import torch
 
-    from workers.segmentation import EmbeddingCache, SliceSegmenter, check_box
+    from workers.embedding_cache import EmbeddingCache
+    from workers.segmentation import SliceSegmenter
+    from workers.slice_masks import check_box
 
     images = [cv2.imdecode(np.frombuffer(p, np.uint8), cv2.IMREAD_UNCHANGED) for p in pngs]
     checked = [check_box(box, image.shape) for image, box in zip(images, boxes, strict=True)]

@@ -260,7 +260,7 @@ def propagation_errors(result: np.ndarray, truth: np.ndarray) -> dict[str, int]:
 def evaluate_propagation(segmenter, patients: list[tuple[str, np.ndarray, np.ndarray]],
                          with_naive: bool = True, overrides: dict[str, float] | None = None) -> None:
     """Part (d): volume Dice of ``propagate`` and of the naive chain, seeded on the largest slice."""
-    from workers.segmentation import DEFAULT_PROPAGATION, propagate
+    from workers.propagation import DEFAULT_PROPAGATION, propagate
 
     settings = dataclasses.replace(DEFAULT_PROPAGATION, **(overrides or {}))
     print(f"(d) propagation settings: {settings}")
@@ -328,7 +328,7 @@ def parse_overrides(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[s
 
     A typo must stop the run with the field's name, not silently measure the defaults again.
     """
-    from workers.segmentation import PropagationSettings
+    from workers.propagation import PropagationSettings
 
     known = {f.name for f in dataclasses.fields(PropagationSettings)}
     overrides = {}
@@ -374,13 +374,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from core.errors import ConfigError
+    from workers.embedding_cache import DiskEmbeddingCache
     from workers.models import load_litemedsam
     from workers.models.litemedsam import encoder_precision, precision_version
     from workers.segmentation import (
         DEFAULT_BOX_SHRINKS_PX,
         DEFAULT_BOX_THRESHOLD,
         DEFAULT_CLICK_REACH,
-        DiskEmbeddingCache,
         SliceSegmenter,
         parse_box_shrinks,
         prompt_views_from_env,

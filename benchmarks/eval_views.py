@@ -75,7 +75,7 @@ class SliceRecord:
 def record_slices(segmenter, patients, views, seed: int, batch_size: int) -> list[SliceRecord]:
     """Decode (a) and (b) on each slice and on each of ``views``; ``slice_prompts`` draws the boxes,
     so with the same seed they are ``eval_segmentation.py``'s."""
-    from workers.segmentation import check_box
+    from workers.slice_masks import check_box
 
     rng = np.random.default_rng(seed)
     records: list[SliceRecord] = []
@@ -139,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from core.errors import ConfigError
+    from workers.embedding_cache import EmbeddingCache
     from workers.models import load_litemedsam
-    from workers.segmentation import EmbeddingCache, SliceSegmenter
+    from workers.segmentation import SliceSegmenter
     from workers.slice_views import VIEWS, ZOOM_VIEWS, parse_views
 
     try:

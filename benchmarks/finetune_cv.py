@@ -121,7 +121,7 @@ def slice_items(segmenter, image: np.ndarray, mask: np.ndarray) -> list:
 def evaluate(segmenter, patients, seed: int, propagation=None, propagate_too: bool = True) -> dict[str, list[float]]:
     """Per-slice Dice for (a) and (b), per-patient volume Dice for (d) (``propagation`` settings,
     default ``DEFAULT_PROPAGATION``; not with ``propagate_too=False``, for arms that change prompts only)."""
-    from workers.segmentation import DEFAULT_PROPAGATION, propagate
+    from workers.propagation import DEFAULT_PROPAGATION, propagate
 
     propagation = propagation or DEFAULT_PROPAGATION
     no_likeness = dataclasses.replace(propagation, min_likeness=0.0)
@@ -147,7 +147,7 @@ def evaluate(segmenter, patients, seed: int, propagation=None, propagate_too: bo
 
 def baselines(segmenter, patients) -> None:
     """Off-the-shelf only, on the same cropped volumes: one click per slice, and the naive chain."""
-    from workers.segmentation import propagate
+    from workers.propagation import propagate
 
     clicks, naive, ours = [], [], []
     for _, image, mask in patients:
@@ -242,7 +242,8 @@ def tuned_segmenter(model, args, patients):
     (a tuned neck's computed from the cached neck inputs of ``patients``' slices)."""
     import torch
 
-    from workers.segmentation import EmbeddingCache, SliceSegmenter, embedding_key
+    from workers.embedding_cache import EmbeddingCache, embedding_key
+    from workers.segmentation import SliceSegmenter
 
     if not (args.train_encoder or args.train_neck):
         return SliceSegmenter(model=model, cache=args.cache)
@@ -267,7 +268,8 @@ class AveragedSegmenters:
         self.members = members
 
     def segment(self, image, box) -> np.ndarray:
-        from workers.segmentation import as_slice, average_views, check_box
+        from workers.segmentation import average_views
+        from workers.slice_masks import as_slice, check_box
 
         array = as_slice(image)
         box_px = check_box(box, array.shape)
@@ -340,10 +342,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from workers.embedding_cache import DiskEmbeddingCache
     from workers.finetune import save_finetuned
     from workers.models import DecoderEnsemble, load_litemedsam
     from workers.models.litemedsam import MASK_PROMPT_LOGIT, precision_version
-    from workers.segmentation import DEFAULT_PROPAGATION, DiskEmbeddingCache, SliceSegmenter
+    from workers.propagation import DEFAULT_PROPAGATION
+    from workers.segmentation import SliceSegmenter
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()

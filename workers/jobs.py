@@ -208,7 +208,8 @@ def segment_interactive(case_id: str, modality: str, slice_index: int, box: Sequ
         InputError: no such slice, or a prompt the model cannot use (outside the image, zero size).
     """
     start = time.perf_counter()
-    from workers.segmentation import as_slice, default_segmenter, segment_slice
+    from workers.segmentation import default_segmenter, segment_slice
+    from workers.slice_masks import as_slice
     from workers.slice_views import view_names
 
     image = read_slice(_case(data_dir, case_id), modality, slice_index)
@@ -441,12 +442,8 @@ def _warm(volume: np.ndarray, case_id: str, modality: str, data_dir: str | Path 
     """
     from rq import get_current_job
 
-    from workers.segmentation import (
-        DiskEmbeddingCache,
-        default_segmenter,
-        embedding_cache_budget_bytes,
-        propagation_settings_from_env,
-    )
+    from workers.embedding_cache import DiskEmbeddingCache, embedding_cache_budget_bytes
+    from workers.segmentation import default_segmenter, propagation_settings_from_env
     from workers.slice_views import MIRRORED, SliceView
 
     segmenter = default_segmenter()

@@ -38,9 +38,9 @@ from core.redis_store import DEFAULT_MODEL_VERSION, STATUS_NO_MODEL, Preannotati
 from core.settings import Settings
 from importers.cli import main as import_main
 from tests.services import find_free_port
+from workers.embedding_cache import DiskEmbeddingCache, embedding_key
 from workers.jobs import PROPAGATED_PREFIX, read_slice
 from workers.models.litemedsam import preprocess_slice
-from workers.segmentation import DiskEmbeddingCache, embedding_key
 
 pytestmark = [pytest.mark.label_studio, pytest.mark.slow]
 

@@ -326,7 +326,7 @@ def test_the_disk_cache_is_pruned_least_recently_used_first(tmp_path, monkeypatc
     import torch
 
     from core.errors import ConfigError
-    from workers.segmentation import DiskEmbeddingCache, embedding_cache_budget_bytes
+    from workers.embedding_cache import DiskEmbeddingCache, embedding_cache_budget_bytes
 
     cache = DiskEmbeddingCache(tmp_path, "v1", max_entries=8)
     for age, key in enumerate(["aa1", "bb2", "cc3"]):

@@ -19,6 +19,7 @@ import pytest
 from core.brush_rle import brush_result_to_mask, mask_to_brush_result
 from core.case_store import sha256_file
 from core.errors import ConfigError, InputError, ProjectError
+from workers.embedding_cache import EmbeddingCache
 from workers.models.litemedsam import (
     LITEMEDSAM_SHA256,
     WeightsError,
@@ -27,38 +28,35 @@ from workers.models.litemedsam import (
     mask_prompt_logits,
     tail_percentiles,
 )
+from workers.propagation import (
+    DEFAULT_PROPAGATION,
+    SeedClassifier,
+    SeedLikeness,
+    fit_logistic,
+    propagate,
+    propagation_settings_from_env,
+    recut_outlines,
+    taper_cuts,
+)
 from workers.segmentation import (
     DEFAULT_BOX_SHRINKS_PX,
     DEFAULT_BOX_THRESHOLD,
     DEFAULT_CLICK_MIN_REACH_PX,
     DEFAULT_CLICK_REACH,
     DEFAULT_PROMPT_VIEWS,
-    DEFAULT_PROPAGATION,
     DEFAULT_WARM_PROMPT_VIEWS,
-    EmbeddingCache,
     NoAutomaticModelError,
-    SeedClassifier,
-    SeedLikeness,
     SliceSegmenter,
-    box_region,
     box_shrinks_from_env,
-    check_points,
     click_reach_region,
-    fill_holes,
-    fit_logistic,
-    keep_components,
     parse_box_shrinks,
     prompt_views_from_env,
-    propagate,
-    propagation_settings_from_env,
-    recut_outlines,
     segment_slice,
     segment_volume,
     shrunk_boxes,
-    signed_distance,
-    taper_cuts,
     warm_prompt_views_from_env,
 )
+from workers.slice_masks import box_region, check_points, fill_holes, keep_components, signed_distance
 from workers.slice_views import MIRRORED, VIEWS, ZOOM_VIEWS, parse_views
 
 PROPAGATION_PATIENT = "STS_019"
