@@ -22,6 +22,7 @@ network input, post-processing, the RLE; runs without a GPU) grows about tenfold
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -122,6 +123,17 @@ def main(argv: list[str] | None = None) -> int:
                              "share in turn on the calling thread, to see what the overlap is worth")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also profile one more pass (cProfile) and print its N most expensive functions")
+    parser.add_argument("--kernel-profile", type=int, default=0, metavar="N",
+                        help="also profile one more pass with torch.profiler: how long the GPU was busy against "
+                             "the wall clock (a host-bound pass leaves it idle), and the N operators that kept it "
+                             "busy longest (on CPU: the N most expensive operators)")
+    parser.add_argument("--box-shrinks", default=None, metavar="PX,PX",
+                        help="px each box is also shrunk by, as $STS_BOX_SHRINKS (default 2,4,6: four prompts a "
+                             "slice; 0: the box alone, one prompt a slice, as the issue's 330 slices/s was measured)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay the encoder and the box decoder from CUDA graphs ($STS_CUDA_GRAPHS=on)")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="let cuDNN time its convolution algorithms ($STS_CUDNN_BENCHMARK=on)")
     parser.add_argument("--latency", type=int, default=0, metavar="N",
                         help="also time N single-slice calls, first and with the embedding cached (in-process)")
     args = parser.parse_args(argv)
@@ -146,17 +158,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.host:
         host_share(pngs, truths, boxes)
         return 0
+    from workers.models.cuda_tuning import CUDA_GRAPHS_ENV, CUDNN_BENCHMARK_ENV
+
+    for wanted, variable in ((args.cuda_graphs, CUDA_GRAPHS_ENV), (args.cudnn_benchmark, CUDNN_BENCHMARK_ENV)):
+        if wanted:
+            os.environ[variable] = "on"
     model = load_litemedsam()
     device = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     if args.fp32_decoder:
         segmentation.BATCHED_DECODER_BF16 = False
     options = {"cache_embeddings": args.keep_embeddings, "helper_threads": args.helper_threads}
-    warm = SliceSegmenter(model=model, cache=EmbeddingCache(1), views=views)
-    run(warm, pngs[: args.batch_size], boxes[: args.batch_size], args.batch_size)  # kernels, autotuning
+    shrinks = segmentation.DEFAULT_BOX_SHRINKS_PX
+    if args.box_shrinks is not None:
+        try:
+            shrinks = segmentation.parse_box_shrinks(args.box_shrinks, "--box-shrinks")
+        except ConfigError as exc:
+            parser.error(str(exc))
+
+    def fresh() -> SliceSegmenter:  # an empty cache: every slice (and view) through the encoder
+        return SliceSegmenter(model=model, cache=EmbeddingCache(1), views=views, box_shrinks=shrinks)
+
+    # a full batch and the last, partial one: kernels, autotuning, and a CUDA graph for each size
+    warm_up = args.batch_size + len(pngs) % args.batch_size
+    run(fresh(), pngs[:warm_up], boxes[:warm_up], args.batch_size)
     totals = []
     for _ in range(args.repeats):
-        # every slice (and view) through the encoder
-        segmenter = SliceSegmenter(model=model, cache=EmbeddingCache(1), views=views)
+        segmenter = fresh()
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
@@ -170,15 +197,18 @@ def main(argv: list[str] | None = None) -> int:
           f"patients, best of {args.repeats}, views: {views_label(view_names(views))}"
           + (", decoder in float32" if args.fp32_decoder else "")
           + (", every embedding copied to the host's cache" if args.keep_embeddings else "")
-          + (f", {args.helper_threads} helper threads" if args.helper_threads is not None else ""))
+          + (f", {args.helper_threads} helper threads" if args.helper_threads is not None else "")
+          + (f", box shrinks {args.box_shrinks or 'none'} px" if args.box_shrinks is not None else "")
+          + (", CUDA graphs" if args.cuda_graphs else "") + (", cuDNN autotuner" if args.cudnn_benchmark else ""))
     print(f"throughput {len(pngs) / best:.1f} slices/s (PNG decode → model → brush RLE; {best:.2f} s)")
     print("  per stage: " + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items()))
     print(f"  sanity: mean Dice {np.mean(scores):.4f} (box + 5 px; eval_segmentation (a) on the same slices)")
     if args.stages:
         stages(model, pngs, boxes, args.batch_size)
     if args.profile:
-        profile(SliceSegmenter(model=model, cache=EmbeddingCache(1), views=views), pngs, boxes, args.batch_size,
-                args.profile, options)
+        profile(fresh(), pngs, boxes, args.batch_size, args.profile, options)
+    if args.kernel_profile:
+        kernel_profile(fresh(), pngs, boxes, args.batch_size, args.kernel_profile, options)
     if args.latency:
         latency(model, pngs[: args.latency], boxes[: args.latency], views)
     return 0
@@ -273,6 +303,35 @@ def profile(segmenter, pngs: list[bytes], boxes: list[tuple], batch_size: int, t
     pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
     print("  profile of one pass (calling thread, by own time):")
     print("\n".join("    " + line for line in out.getvalue().splitlines() if line.strip()))
+
+
+def kernel_profile(segmenter, pngs: list[bytes], boxes: list[tuple], batch_size: int, top: int,
+                   options: dict[str, Any]) -> None:
+    """torch.profiler over one pass: the GPU's busy time (kernels and copies) against the wall clock,
+    which tells a GPU-bound pass (busy near the wall) from a host-bound one, and the operators that
+    kept it busy; on a CPU, the most expensive operators."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = segmenter.model.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as profiler:
+        started = time.perf_counter()
+        run(segmenter, pngs, boxes, batch_size, **options)
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+    events = profiler.key_averages()
+    if cuda:
+        busy = sum(event.self_device_time_total for event in events) / 1e6
+        print(f"  kernel profile of one pass: GPU busy {busy:.2f} s of {wall:.2f} s wall ({busy / wall:.0%}; "
+              f"the profiler slows the host, so the wall is longer than unprofiled)")
+    else:
+        print(f"  kernel profile of one pass ({wall:.2f} s wall):")
+    table = events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=top,
+                         max_name_column_width=48)
+    print("\n".join("    " + line for line in table.splitlines() if line.strip()))
 
 
 def latency(model, pngs: list[bytes], boxes: list[tuple], views: tuple = ()) -> None:

@@ -3,6 +3,7 @@
 #
 # Prepare here once per session: `bash benchmarks/prepare_device.sh` (writes the git-ignored .whl,
 # .devdata and .devsvc folders, which travel with `carry`). Then, with the device tool:
+#   run(command="bash benchmarks/device_suite.sh quick", carry=[".whl", ".devdata"])
 #   run(command="bash benchmarks/device_suite.sh figures", carry=[".whl", ".devdata", ".devsvc"])
 #   run(command="bash benchmarks/device_suite.sh cv", carry=[".whl", ".devdata"])
 #   run(command="bash benchmarks/device_suite.sh final", carry=[".whl", ".devdata"])
@@ -12,6 +13,11 @@
 #   figures  the GPU figures in one call of about 3 min (for a session lent 15 minutes of device
 #            time): throughput with the slice alone (and its stages), with the views $VIEWS, with every
 #            embedding copied to the cache, without helper threads, a profile of one pass, then click → mask latency through HTTP + Redis + an RQ worker
+#   quick    for a session lent 15 minutes (one call, about 6 min): `levers`, then (a) and (b) with the GPU
+#            default's six views on the GPU (eval_views.py, the six views only)
+#   levers   pre-annotation throughput with each switch of workers/models/cuda_tuning.py (CUDA graphs,
+#            cuDNN autotuner) and with the box alone, against the default on the same warm GPU, and
+#            torch.profiler's GPU busy time of one pass with and without them (about 4 min)
 #   views    the choice of views (the zoomed ones among them) and of the cut for box prompts
 #            (eval_views.py --zoom), about 6 min
 #   encoder_cv  5-fold CV of fine-tuning the image encoder with the decoder, scored with $VIEWS and with
@@ -52,7 +58,29 @@ services() {  # redis-server and the pure-Python service wheels the device lacks
     redis-server --version
 }
 
+levers() {
+    local flags
+    for flags in "" "--cudnn-benchmark" "--cuda-graphs" "--cuda-graphs --cudnn-benchmark" "--box-shrinks 0" \
+            "--box-shrinks 0 --cuda-graphs --cudnn-benchmark"; do
+        echo "== levers: ${flags:-default}"
+        # shellcheck disable=SC2086
+        timeout 90 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --repeats 2 $flags 2>&1
+    done | tee "$out/levers.log"
+    timeout 90 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --repeats 1 \
+        --kernel-profile 25 2>&1 | tee "$out/levers_profile.log"
+    timeout 90 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --repeats 1 \
+        --kernel-profile 25 --cuda-graphs --cudnn-benchmark 2>&1 | tee "$out/levers_profile_graphs.log"
+}
+
 case "$stage" in
+quick)
+    levers
+    timeout 240 "$PYTHON" benchmarks/eval_views.py --packed "$data" --views "${VIEWS:-$DEFAULT_VIEWS}" \
+        --json "$out/views_default.json" 2>&1 | tee "$out/views_default.log"
+    ;;
+levers)
+    levers
+    ;;
 figures)
     timeout 120 "$PYTHON" benchmarks/bench_preannotate.py --packed "$data" --batch-size 64 --latency 50 --stages \
         2>&1 | tee "$out/throughput.log"
@@ -113,5 +141,5 @@ latency)
         2>&1 | tee "$out/latency.log"
     ;;
 *)
-    echo "unknown stage $stage (figures | views | views_cv | encoder_cv | cv | final | latency)"; exit 2 ;;
+    echo "unknown stage $stage (quick | levers | figures | views | views_cv | encoder_cv | cv | final | latency)"; exit 2 ;;
 esac

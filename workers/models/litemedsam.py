@@ -36,6 +36,7 @@ from torch.nn import functional
 from core.case_store import sha256_file
 from core.errors import ConfigError, ProjectError
 from core.settings import env_flag
+from workers.models.cuda_tuning import configure_cudnn, graphs_of
 
 DEFAULT_IMAGE_SIZE = 256
 """Side (px) of the square LiteMedSAM was trained on and sees at inference."""
@@ -184,10 +185,16 @@ class LiteMedSAM(nn.Module):
         """
         # non-blocking: a blocking copy would first wait for all the GPU's queued work
         images = images.to(self.device, torch.float32, non_blocking=True)
+        return graphs_of(self, "embed")(self._encode, images)
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        """``embed`` on images already on the device (what a CUDA graph of the encoder captures)."""
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
         images = images.contiguous(memory_format=torch.channels_last)
         bf16 = encoder_precision(self.device) == "bfloat16"
+        # autocast caches weight casts only for weights that take gradients (training), never
+        # inside a graph capture, which runs without them
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         with autocast:
             embedding = self.image_encoder(images)
@@ -246,6 +253,13 @@ class LiteMedSAM(nn.Module):
             has_mask: optional bool ``[B]``: which samples' ``mask_logits`` count; the others get
                 SAM's "no mask" embedding, so one batch can mix prompts with and without a mask.
         """
+        if mask_logits is None and has_mask is None:
+            return graphs_of(self, "decode_many")(self._decode_many, embeddings, boxes)
+        return self._decode_many(embeddings, boxes, mask_logits, has_mask)
+
+    def _decode_many(self, embeddings: torch.Tensor, boxes: torch.Tensor, mask_logits: torch.Tensor | None = None,
+                     has_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``decode_many`` itself (what a CUDA graph of box prompts captures)."""
         decoder = self.mask_decoder
         sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=None)
         if mask_logits is not None:
@@ -398,6 +412,7 @@ def _load_uncached(path: Path, expected_sha256: str, device: torch.device) -> Li
     # oneDNN's convolutions skip a layout conversion per call with NHWC weights and inputs: the
     # encoder measured 1382 → 1179 ms p50 on 2 CPU cores, same embedding to 2e-6 (see ``embed``).
     net.image_encoder.to(memory_format=torch.channels_last)
+    configure_cudnn(device)
     return net.to(device)
 
 
