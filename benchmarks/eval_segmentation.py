@@ -323,19 +323,22 @@ def evaluate_latency(model, patients: list[tuple[str, np.ndarray, np.ndarray]], 
     )
 
 
-def parse_overrides(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, float]:
+def parse_overrides(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, float | str]:
     """``--set FIELD=VALUE`` pairs as keyword overrides of ``PropagationSettings``.
 
     A typo must stop the run with the field's name, not silently measure the defaults again.
     """
     from workers.propagation import PropagationSettings
 
-    known = {f.name for f in dataclasses.fields(PropagationSettings)}
-    overrides = {}
+    known = {f.name: f.type for f in dataclasses.fields(PropagationSettings)}
+    overrides: dict[str, float | str] = {}
     for pair in pairs:
         field, sep, value = pair.partition("=")
         if not sep or field not in known:
             parser.error(f"--set {pair}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(known))}")
+        if known[field] in (str, "str"):
+            overrides[field] = value
+            continue
         try:
             overrides[field] = float(value)
         except ValueError:

@@ -34,8 +34,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 # The image encoder runs in float32 on every CPU here (``$STS_CPU_BF16``, whose default is bfloat16 where
-# the CPU has AMX): the real-patient margins the tests assert were measured in float32, and the suite must
-# reach the same verdicts on a machine with or without AMX. The bfloat16 path has tests of its own that
+# the CPU has AMX or AVX512-BF16): the real-patient margins the tests assert were measured in float32, and
+# the suite must reach the same verdicts on a machine with or without them. The bfloat16 path has tests of its own that
 # set the variable; worker processes that tests start inherit it. Set it to run the suite otherwise.
 os.environ.setdefault("STS_CPU_BF16", "off")
 

@@ -299,7 +299,7 @@ def propagate_annotation(project_id: int, task_id: int, case_id: str, modality: 
     from core.ls_client import call
     from workers.segmentation import propagate, propagation_settings_from_env
 
-    settings = propagation_settings_from_env()  # before any work: a bad $STS_MIRROR_VIEW fails at once
+    settings = propagation_settings_from_env()  # before any work: a bad $STS_PROPAGATION_VIEWS fails at once
     volume = read_volume(_case(data_dir, case_id), modality)
     depth = volume.shape[0]
     if not 0 <= slice_index < depth:
@@ -433,8 +433,8 @@ def _warm(volume: np.ndarray, case_id: str, modality: str, data_dir: str | Path 
 
     Slices go through the encoder one at a time on CPU (one slice is the longest an annotator waits
     behind this job) and 16 at a time on a GPU. The slices as they are come first (a click needs
-    them), then each other view that propagation or the prompts use (``$STS_MIRROR_VIEW``: the slice
-    mirrored left-right; ``$STS_PROMPT_VIEWS``; ``$STS_WARM_PROMPT_VIEWS``, which box prompts use only
+    them), then each other view that propagation or the prompts use (``$STS_PROPAGATION_VIEWS``: rot180 and
+    antitranspose by default; ``$STS_PROMPT_VIEWS``; ``$STS_WARM_PROMPT_VIEWS``, which box prompts use only
     once warmed), one view of every slice after another.
     When a job waits on the interactive or pre-annotation queue (an annotator, a propagation), or
     half the job's time limit has passed, the rest is enqueued as a new ``warm_embeddings`` job at
@@ -443,14 +443,14 @@ def _warm(volume: np.ndarray, case_id: str, modality: str, data_dir: str | Path 
     from rq import get_current_job
 
     from workers.embedding_cache import DiskEmbeddingCache, embedding_cache_budget_bytes
+    from workers.propagation import propagation_views
     from workers.segmentation import default_segmenter, propagation_settings_from_env
-    from workers.slice_views import MIRRORED, SliceView
+    from workers.slice_views import SliceView
 
     segmenter = default_segmenter()
     batch = 16 if segmenter.model.device.type == "cuda" else 1
     order = middle_out(len(volume), centre)
-    used = (((MIRRORED,) if propagation_settings_from_env().mirror_weight else ()) + segmenter.views
-            + segmenter.warm_views)
+    used = propagation_views(propagation_settings_from_env()) + segmenter.views + segmenter.warm_views
     # a zoomed view's window follows the annotator's box: nothing of it can be computed ahead
     other_views = [view for view in dict.fromkeys(used) if view.zoom is None]
     views = [(z, None) for z in order] + [(z, other) for other in other_views for z in order]

@@ -10,6 +10,7 @@ the public names (``propagate``, ``PropagationSettings``, ``DEFAULT_PROPAGATION`
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -18,20 +19,26 @@ import cv2
 import numpy as np
 import torch
 
-from core.errors import InputError
-from core.settings import env_flag
+from core.errors import ConfigError, InputError
+from core.settings import FLAG_OFF, FLAG_ON, env_flag
 from workers.embedding_cache import EmbeddedSlice
 from workers.models.litemedsam import ModelFrame, mask_prompt_logits
 from workers.slice_masks import check_box, disk, fill_holes, keep_components, mask_box, outline_logits
+from workers.slice_views import SliceView, average_views, parse_views, view_names
 
 if TYPE_CHECKING:
     from workers.segmentation import SliceSegmenter
 
+PROPAGATION_VIEWS_ENV = "STS_PROPAGATION_VIEWS"
+"""The other views each propagated slice is also decoded on (``PropagationSettings.views``):
+comma-separated whole-slice view names (``workers.slice_views``), an on word or unset for the
+default, an off word or ``none`` for the slice alone (one encoder pass a slice instead of three on a
+CPU-only site; about 0.01 of mean volume Dice, see ``DEFAULT_PROPAGATION``). Read by
+``propagation_settings_from_env``."""
+
 MIRROR_VIEW_ENV = "STS_MIRROR_VIEW"
-"""0/false/off: propagation decodes each slice as it is, without its mirrored view
-(``PropagationSettings.mirror_weight``), and the workers warm no mirrored embeddings: half the
-encoder time on a CPU-only site, for 0.0015-0.0025 of mean volume Dice (see ``DEFAULT_PROPAGATION``;
-read by ``propagation_settings_from_env``)."""
+"""The older switch, read when ``$STS_PROPAGATION_VIEWS`` is unset: an off word for the slice alone,
+an on word for the default views (it named the mirrored view, the default until 2026-12-06)."""
 
 
 @dataclass(frozen=True)
@@ -91,11 +98,12 @@ class PropagationSettings:
             away from the muscle and fat it leaks into. The classifier also makes every mask look
             like the tumour, which blinds the likeness test, so the extent (which slices) comes from a
             chain without it and the outlines from a chain with it. 0 turns it off.
-        mirror_weight: weight of the logits decoded on the slice mirrored left-right
-            (``SliceSegmenter.decode_mirrored``) in each slice's logits, the rest being the slice's
-            own. The image encoder is not mirror-invariant, so the mirrored slice is a second view whose
-            errors partly cancel the first's (test-time augmentation). It costs a second image-encoder
-            pass per slice (cached like the first). 0 turns it off.
+        views: the other views of each slice (comma-separated ``workers.slice_views`` names of
+            whole-slice views) it is decoded on as well, the logits of all averaged with equal weights
+            (``average_views``), in both chains. The image encoder is neither mirror- nor
+            rotation-invariant, so each view errs elsewhere and the errors partly cancel (test-time
+            augmentation). Each costs one more image-encoder pass per slice (cached; the CPU workers
+            warm the same two views for box prompts). '' decodes the slice alone.
     """
 
     box_margin_px: float = 3.0
@@ -116,7 +124,7 @@ class PropagationSettings:
     mask_prompt: float = 0.0
     likeness_patience: int = 1
     feature_prior: float = 1.0
-    mirror_weight: float = 0.5
+    views: str = "rot180,antitranspose"
 
 
 DEFAULT_PROPAGATION = PropagationSettings()
@@ -232,17 +240,24 @@ slices of likeness patience (0.8162) or a likeness cut at 0.5 (0.8205), now that
 costs less; ``max_shift_px`` 8 (0.8235); a 4 px box margin (0.8144); smoothing weight 0.8 (0.8242,
 within noise).
 
-The mirrored view (``mirror_weight`` 0.5: each slice's logits averaged with those decoded on the
+The mirrored view (then ``mirror_weight`` 0.5: each slice's logits averaged with those decoded on the
 slice mirrored left-right, in both chains): on the first 12 patients (cut volumes) 0.8273 → 0.8289
 (8 better, 4 worse: STS_021 by 0.030, STS_001 by 0.015; STS_006 gained 0.035), on the other 13
 0.8691 → 0.8703 (6 better, 5 worse by up to 0.009). All 25 cut volumes 0.8490 → 0.8505 (median 0.836
 → 0.841), full volumes 0.8405 → 0.8430 (median 0.836 → 0.835). A small gain for a second
-image-encoder pass per slice; ``$STS_MIRROR_VIEW=0`` turns it off in the workers. Rejected in the
+image-encoder pass per slice (``$STS_MIRROR_VIEW=0`` turned it off in the workers). Rejected in the
 same session, on the 12 against 0.8274 (cut volumes): a box margin of 5 or 7 px in the model's frame
 (0.8238, 0.8127); the seed classifier at 1.25 (0.8302 on the 12, but 0.8690 → 0.8682 on the 13, 7
 worse), 1.5 (0.8279) or 2 (0.8269); smoothing 0.8 (0.8275); shape prior 3 (0.8265); taper cut 5
 (0.8270); ``max_shift_px`` 4 (0.8275); a likeness cut at 0.5 (0.8248); two slices of likeness
-patience (0.8200)."""
+patience (0.8200).
+
+The two views box prompts chose (rot180 and antitranspose, each slice's logits the mean of three)
+instead of the mirrored one (2026-12-06; encoder in bfloat16 on an AVX512-BF16 CPU, cut volumes,
+chosen on the first 12 patients and checked on the other 13): on the 12, 0.8384 → 0.8492 (10 better,
+2 worse by up to 0.017; STS_015 0.848 → 0.895, STS_023 0.720 → 0.771), on the 13 0.8737 → 0.8755
+(8 better, 5 worse by up to 0.017); all 25 0.8568 → 0.8629. A CPU worker warms these two views for
+box prompts anyway, so propagation's own view is one encoder pass a slice less to warm."""
 
 
 @dataclass
@@ -403,9 +418,9 @@ def _propagate_step(
         mask_logits = mask_prompt_logits(embedded.frame.mask_to_model(previous), settings.mask_prompt)[None]
     logits, iou = segmenter.decode(embedded, boxes=box[None], mask_logits=mask_logits)
     logit = logits[0, 0]
-    if settings.mirror_weight:
-        mirrored = segmenter.decode_mirrored(image, box[None], mask_logits=mask_logits)[0, 0]
-        logit = blend_views(logit, mirrored, settings.mirror_weight)
+    others = [segmenter.decode_view(image, box[None], view, mask_logits=mask_logits)[0, 0]
+              for view in propagation_views(settings)]
+    logit = average_views([logit, *others])
     if settings.shape_prior:
         logit = logit + outline_logits(previous, settings.shape_prior, settings.shape_prior_px)
     judged = None  # what the likeness test sees: the model's own outline, without the classifier's pull
@@ -600,18 +615,35 @@ def _chain(
     return out
 
 
-def blend_views(own: np.ndarray, mirrored: np.ndarray, weight: float) -> np.ndarray:
-    """Logits of a slice's own view and of its mirrored view (already mirrored back onto the slice's
-    grid), weighted ``1 - weight`` and ``weight``: the one test-time augmentation rule that
-    propagation (``PropagationSettings.mirror_weight``) uses; box prompts average any number of views
-    with equal weights (``average_views``)."""
-    return (1.0 - weight) * own + weight * mirrored
+def propagation_views(settings: PropagationSettings) -> tuple[SliceView, ...]:
+    """The other views each propagated slice is decoded on (``PropagationSettings.views``).
+
+    Raises:
+        ConfigError: an unknown or zoomed view (a zoomed view's window would follow every slice's box,
+            so its embeddings could never be warmed ahead).
+    """
+    views = parse_views(settings.views, "PropagationSettings.views")
+    if any(view.zoom is not None for view in views):
+        raise ConfigError(f"PropagationSettings.views={settings.views!r}: expected whole-slice views "
+                          "(a zoomed one follows every slice's box)")
+    return views
 
 
 def propagation_settings_from_env() -> PropagationSettings:
-    """``DEFAULT_PROPAGATION``, without the mirrored view when ``$STS_MIRROR_VIEW`` is 0/false/no/off.
+    """``DEFAULT_PROPAGATION`` with the views ``$STS_PROPAGATION_VIEWS`` names (else as the older
+    ``$STS_MIRROR_VIEW`` says: off → the slice alone, on → the default views).
 
     Raises:
-        ConfigError: the variable is set to something else than 1/true/yes/on or 0/false/no/off.
+        ConfigError: an unknown or zoomed view name, or a word that is not on/off, naming the variable.
     """
-    return DEFAULT_PROPAGATION if env_flag(MIRROR_VIEW_ENV) else replace(DEFAULT_PROPAGATION, mirror_weight=0.0)
+    raw = os.environ.get(PROPAGATION_VIEWS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_PROPAGATION if env_flag(MIRROR_VIEW_ENV) else replace(DEFAULT_PROPAGATION, views="")
+    if raw.lower() in FLAG_ON:
+        return DEFAULT_PROPAGATION
+    settings = replace(DEFAULT_PROPAGATION, views="" if raw.lower() in FLAG_OFF else raw)
+    try:
+        views = propagation_views(settings)
+    except ConfigError as error:
+        raise ConfigError(f"${PROPAGATION_VIEWS_ENV}={raw!r}: {error}") from None
+    return replace(settings, views=",".join(view_names(views)))

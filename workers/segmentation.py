@@ -50,7 +50,7 @@ from workers.propagation import PropagationSettings as PropagationSettings
 from workers.propagation import propagate as propagate
 from workers.propagation import propagation_settings_from_env as propagation_settings_from_env
 from workers.slice_masks import as_slice, box_region, check_box, check_points, fill_holes, keep_components
-from workers.slice_views import MIRRORED, ArrayT, SliceView, parse_views
+from workers.slice_views import MIRRORED, SliceView, average_views, parse_views
 
 DEFAULT_CPU_THREADS = 2
 """Torch threads on CPU: this project's machines have few cores, shared with other work."""
@@ -213,7 +213,7 @@ class SliceSegmenter:
         views: the other views of the slice (``workers.slice_views``) a box prompt is decoded on as
             well, their logits averaged with the slice's own with equal weights (``decode_view``;
             empty: the slice alone; see ``DEFAULT_PROMPT_VIEWS``). Each view is embedded and cached
-            on its own. ``propagate`` has its own (``PropagationSettings.mirror_weight``).
+            on its own. ``propagate`` has its own (``PropagationSettings.views``).
         warm_views: whole-slice views averaged in as ``views`` are, but only where warm: on a slice
             whose view is already in the cache (``views_for``), so they never cost an encoder pass
             (CPU workers; see ``DEFAULT_WARM_PROMPT_VIEWS``).
@@ -686,23 +686,6 @@ def _view_tuple(views: str | Sequence[SliceView | str], source: str) -> tuple[Sl
         found for view in views
         for found in ((view,) if isinstance(view, SliceView) else parse_views(view, source))
     ))
-
-
-def average_views(logits: Sequence[ArrayT]) -> ArrayT:
-    """The mean of one prompt's logits ``[H, W]`` on each view of its slice (all on the slice's grid;
-    numpy arrays, or tensors on the GPU), with equal weights: what ``segment`` and ``segment_many``
-    both cut. Summed in order, then divided, in either library, so that both give the same mask.
-
-    The first is the slice's own; where another is NaN (outside a zoomed view's window) the slice's
-    own value stands in for it."""
-    if len(logits) == 1:
-        return logits[0]
-    own = logits[0]
-    if isinstance(own, torch.Tensor):
-        filled = [own, *(torch.where(torch.isnan(other), own, other) for other in logits[1:])]
-        return torch.stack(filled).sum(dim=0) / len(logits)
-    filled = [own, *(np.where(np.isnan(other), own, other) for other in logits[1:])]
-    return np.stack(filled).sum(axis=0) / len(logits)
 
 
 def shrunk_boxes(box: np.ndarray, shrinks_px: Sequence[float], min_side_px: float = 4.0) -> np.ndarray:

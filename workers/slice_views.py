@@ -209,3 +209,20 @@ def view_names(views: Sequence[SliceView]) -> list[str]:
 def views_label(names: Iterable[str]) -> str:
     """'slice + rot180 + ...': what a prompt averages, for benchmark headers and tables."""
     return "slice" + "".join(f" + {name}" for name in names)
+
+
+def average_views(logits: Sequence[ArrayT]) -> ArrayT:
+    """The mean of one prompt's logits ``[H, W]`` on each view of its slice (all on the slice's grid;
+    numpy arrays, or tensors on the GPU), with equal weights: what ``segment`` and ``segment_many``
+    both cut. Summed in order, then divided, in either library, so that both give the same mask.
+
+    The first is the slice's own; where another is NaN (outside a zoomed view's window) the slice's
+    own value stands in for it."""
+    if len(logits) == 1:
+        return logits[0]
+    own = logits[0]
+    if isinstance(own, torch.Tensor):
+        filled = [own, *(torch.where(torch.isnan(other), own, other) for other in logits[1:])]
+        return torch.stack(filled).sum(dim=0) / len(logits)
+    filled = [own, *(np.where(np.isnan(other), own, other) for other in logits[1:])]
+    return np.stack(filled).sum(axis=0) / len(logits)

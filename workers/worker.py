@@ -84,12 +84,13 @@ def worker_switches() -> dict[str, bool | str]:
     worker with a ``ConfigError`` naming the variable instead of failing every job later."""
     from workers.jobs import warming_enabled
     from workers.models.litemedsam import cpu_bf16_enabled
+    from workers.propagation import propagation_views
     from workers.segmentation import prompt_views_from_env, propagation_settings_from_env, warm_prompt_views_from_env
     from workers.slice_views import view_names
 
     prompt_views = prompt_views_from_env()
     warm_views = [view for view in warm_prompt_views_from_env() if view not in prompt_views]
-    return {"mirror_view": propagation_settings_from_env().mirror_weight > 0,
+    return {"propagation_views": ",".join(view_names(propagation_views(propagation_settings_from_env()))) or "none",
             "prompt_views": ",".join(view_names(prompt_views)) or "none",
             "warm_prompt_views": ",".join(view_names(warm_views)) or "none",
             "warm_embeddings": warming_enabled(), "cpu_bf16": cpu_bf16_enabled()}

@@ -31,6 +31,7 @@ from workers.jobs import (
     seed_mask,
     segment_interactive,
 )
+from workers.propagation import propagation_settings_from_env, propagation_views
 from workers.slice_views import VIEWS, ZOOM_VIEWS
 
 CASE = "PH-JOBS"
@@ -218,7 +219,7 @@ def test_propagation_writes_neighbours_without_human_annotations(case, monkeypat
     calls = []
 
     def propagate(volume, seed_index, seed, settings):
-        calls.append((volume.shape, seed_index, int(seed.sum()), settings.mirror_weight))
+        calls.append((volume.shape, seed_index, int(seed.sum()), settings.views))
         return truth[9:16].copy()
 
     monkeypatch.setattr(workers.segmentation, "propagate", propagate, raising=False)
@@ -231,7 +232,7 @@ def test_propagation_writes_neighbours_without_human_annotations(case, monkeypat
     client = FakeLabelStudio([tasks])
     out = propagate_annotation(3, 113, CASE, "T2", SEED, [seed_brush], annotation_id=5, data_dir=data_dir,
                                client=client)
-    assert calls == [((7, *truth.shape[1:]), SEED - 9, int(truth[SEED].sum()), 0.0)]  # slices 9..15 only
+    assert calls == [((7, *truth.shape[1:]), SEED - 9, int(truth[SEED].sum()), "")]  # slices 9..15 only
     assert out["range"] == [9, 15] and out["written"] == 6 and out["deleted"] == 1
     assert out["model_version"].startswith(PROPAGATED_PREFIX + "litemedsam")
     created = [e[1] for e in client.log if e[0] == "create"]
@@ -283,7 +284,9 @@ def test_warming_makes_way_for_annotators_and_serves_another_worker(case, redis_
     first.refresh()
     result = first.return_value()
     assert first.is_finished and result["yielded"] and result["embedded"] == 1 and result["shared"]
-    views = 2 + len(workers.segmentation.warm_prompt_views_from_env())  # on CPU: + rot180 + antitranspose
+    # on CPU: the slice, then rot180 and antitranspose, which propagation and box prompts share
+    used = {*propagation_views(propagation_settings_from_env()), *workers.segmentation.warm_prompt_views_from_env()}
+    views = 1 + len(used)
     assert result["views"] == views and result["left"] == views * truth.shape[0] - 1  # each slice, then each view
     assert preannotate.count == 1  # the third part waits behind the annotator
     rest = preannotate.jobs[0]
@@ -299,7 +302,7 @@ def test_warming_makes_way_for_annotators_and_serves_another_worker(case, redis_
 
 
 def test_warming_embeds_each_view_the_worker_uses_once(case, redis_db, monkeypatch) -> None:
-    """Propagation's mirrored view and the box prompts' views (``$STS_PROMPT_VIEWS``, and
+    """Propagation's views (rot180, antitranspose) and the box prompts' views (``$STS_PROMPT_VIEWS``, and
     ``$STS_WARM_PROMPT_VIEWS``, which prompts use once warm) are all warmed, a view that several use
     only once: the slices first, then one view of all slices after another. A zoomed view is not
     warmed: its window follows the annotator's box."""
@@ -314,7 +317,8 @@ def test_warming_embeds_each_view_the_worker_uses_once(case, redis_db, monkeypat
     job = preannotate.enqueue_call(WARM_EMBEDDINGS_JOB, kwargs={"case_id": CASE, "modality": "T2", "centre": SEED})
     SimpleWorker([preannotate], connection=redis_db).work(burst=True, max_jobs=1, with_scheduler=False)
     result = job.return_value()
-    assert result["views"] == 4 and result["embedded"] == 1 and result["left"] == 4 * truth.shape[0] - 1
+    # the slice; rot180 and antitranspose (propagation; rot180 for prompts too), flip_x, transpose
+    assert result["views"] == 5 and result["embedded"] == 1 and result["left"] == 5 * truth.shape[0] - 1
     assert workers.segmentation.default_segmenter().views == (VIEWS["flip_x"], VIEWS["rot180"], ZOOM_VIEWS["zoom"])
     assert workers.segmentation.default_segmenter().warm_views == (VIEWS["transpose"],)
     monkeypatch.setattr(workers.segmentation, "_DEFAULT_SEGMENTER", None)

@@ -35,6 +35,7 @@ from workers.propagation import (
     fit_logistic,
     propagate,
     propagation_settings_from_env,
+    propagation_views,
     recut_outlines,
     taper_cuts,
 )
@@ -97,7 +98,7 @@ def ibsi_patient(shared_data: Path, name: str) -> tuple[np.ndarray, np.ndarray, 
     return volume, truth, int(np.argmax(truth.reshape(len(truth), -1).sum(1)))
 
 
-def propagate_with_and_without(shared_data: Path, cache: EmbeddingCache, name: str, **changes: float):
+def propagate_with_and_without(shared_data: Path, cache: EmbeddingCache, name: str, **changes: float | str):
     """``(truth, seed_index, default, changed)``: an IBSI patient propagated from its largest slice
     with ``DEFAULT_PROPAGATION`` and with ``changes`` to it (the second run reuses the first's
     embeddings from ``cache``)."""
@@ -150,17 +151,17 @@ def test_the_encoder_runs_channels_last_and_embeds_as_the_plain_layout_does(mode
 
 def test_the_cpu_encoder_runs_in_bfloat16_where_asked_and_segments_a_real_tumour_as_float32_does(
         shared_data: Path, ibsi_cache: EmbeddingCache, monkeypatch):
-    """``$STS_CPU_BF16``: unset or auto follows the CPU's AMX tiles, on/off force it. Under bfloat16 the
-    embeddings of real slices stay within 10 % (relative norm) of float32's, and a tight box's mask on
-    each of them overlaps float32's by Dice > 0.95: a speed choice, not another model."""
+    """``$STS_CPU_BF16``: unset or auto follows the CPU's bfloat16 units (AMX, AVX512-BF16), on/off force
+    it. Under bfloat16 the embeddings of real slices stay within 10 % (relative norm) of float32's, and a
+    tight box's mask on each of them overlaps float32's by Dice > 0.95: a speed choice, not another model."""
     import torch
 
-    from workers.models.litemedsam import cpu_bf16_enabled, cpu_has_amx, encoder_precision
+    from workers.models.litemedsam import cpu_bf16_enabled, cpu_has_bf16_units, encoder_precision
 
     monkeypatch.delenv("STS_CPU_BF16", raising=False)  # the default (the test session itself runs with off)
-    assert cpu_bf16_enabled() == cpu_has_amx() and encoder_precision("cuda") == "bfloat16"
+    assert cpu_bf16_enabled() == cpu_has_bf16_units() and encoder_precision("cuda") == "bfloat16"
     monkeypatch.setenv("STS_CPU_BF16", "auto")
-    assert cpu_bf16_enabled() == cpu_has_amx()
+    assert cpu_bf16_enabled() == cpu_has_bf16_units()
     monkeypatch.setenv("STS_CPU_BF16", "maybe")
     with pytest.raises(ConfigError, match="STS_CPU_BF16"):
         cpu_bf16_enabled()
@@ -656,20 +657,42 @@ def test_workers_take_their_box_shrinks_from_the_environment(monkeypatch):
     monkeypatch.setattr(workers.segmentation, "_DEFAULT_SEGMENTER", None)
 
 
-def test_workers_take_the_mirrored_view_from_the_environment(monkeypatch):
-    """``$STS_MIRROR_VIEW``: unset or on → the default (mirrored view averaged in); off → each slice
-    decoded as it is (a CPU site halves the encoder time); anything else → a ConfigError naming it."""
+def test_workers_take_the_propagation_views_from_the_environment(monkeypatch):
+    """``$STS_PROPAGATION_VIEWS``: unset or on → the default views; names → those; off → each slice
+    decoded as it is (a CPU site saves two encoder passes a slice); the older ``$STS_MIRROR_VIEW`` is
+    read when it is unset; anything else → a ConfigError naming the variable."""
+    monkeypatch.delenv("STS_PROPAGATION_VIEWS", raising=False)
     monkeypatch.delenv("STS_MIRROR_VIEW", raising=False)
-    assert propagation_settings_from_env() == DEFAULT_PROPAGATION and DEFAULT_PROPAGATION.mirror_weight > 0
+    assert propagation_settings_from_env() == DEFAULT_PROPAGATION and propagation_views(DEFAULT_PROPAGATION)
     for raw in ["1", "on", " True "]:
-        monkeypatch.setenv("STS_MIRROR_VIEW", raw)
+        monkeypatch.setenv("STS_PROPAGATION_VIEWS", raw)
         assert propagation_settings_from_env() == DEFAULT_PROPAGATION
-    for raw in ["0", "off", "No"]:
+    for raw in ["0", "off", "none"]:
+        monkeypatch.setenv("STS_PROPAGATION_VIEWS", raw)
+        assert propagation_settings_from_env() == dataclasses.replace(DEFAULT_PROPAGATION, views="")
+    monkeypatch.setenv("STS_PROPAGATION_VIEWS", "flip_x")
+    assert propagation_settings_from_env() == dataclasses.replace(DEFAULT_PROPAGATION, views="flip_x")
+    for bad in ("flip_z", "zoom"):
+        monkeypatch.setenv("STS_PROPAGATION_VIEWS", bad)
+        with pytest.raises(ConfigError, match=f"STS_PROPAGATION_VIEWS='{bad}'"):
+            propagation_settings_from_env()
+    monkeypatch.delenv("STS_PROPAGATION_VIEWS")
+    for raw, expected in (("on", DEFAULT_PROPAGATION), ("0", dataclasses.replace(DEFAULT_PROPAGATION, views=""))):
         monkeypatch.setenv("STS_MIRROR_VIEW", raw)
-        assert propagation_settings_from_env() == dataclasses.replace(DEFAULT_PROPAGATION, mirror_weight=0.0)
+        assert propagation_settings_from_env() == expected
     monkeypatch.setenv("STS_MIRROR_VIEW", "sometimes")
     with pytest.raises(ConfigError, match="STS_MIRROR_VIEW"):
         propagation_settings_from_env()
+
+
+def test_propagation_names_the_views_it_averages_and_refuses_zoomed_ones():
+    """``PropagationSettings.views``: whole-slice views averaged in with equal weights; '' for none."""
+    assert [view.name for view in propagation_views(DEFAULT_PROPAGATION)] == ["rot180", "antitranspose"]
+    assert propagation_views(dataclasses.replace(DEFAULT_PROPAGATION, views="flip_x")) == (MIRRORED,)
+    assert propagation_views(dataclasses.replace(DEFAULT_PROPAGATION, views="")) == ()
+    for bad in ("zoom_rot180", "rot45"):
+        with pytest.raises(ConfigError, match=r"PropagationSettings\.views"):
+            propagation_views(dataclasses.replace(DEFAULT_PROPAGATION, views=bad))
 
 
 @pytest.mark.slow
@@ -724,7 +747,7 @@ def test_propagation_can_give_the_previous_outline_as_a_mask_prompt(model):
     seed = slices[1][1]
     segmenter = RecordingSegmenter(model)
     settings = dataclasses.replace(DEFAULT_PROPAGATION, mask_prompt=8.0, min_likeness=0.0, feature_prior=0.0,
-                                   taper_cut=0.0, mirror_weight=0.0)  # one chain, one view
+                                   taper_cut=0.0, views="")  # one chain, one view
     result = propagate(volume, 1, seed, segmenter=segmenter, settings=settings)
     assert len(segmenter.mask_prompts) == 2 and all(m is not None for m in segmenter.mask_prompts)
     frame = segmenter.embed(volume[0]).frame
@@ -768,7 +791,7 @@ def test_the_likeness_test_follows_a_tumour_whose_look_drifts_and_forgives_one_d
     steadies the masks, and the mean embeddings alone then reach 17 slices, the default 20."""
     volume, truth, seed_index = ibsi_patient(shared_data, "STS_023")
     segmenter = SliceSegmenter(cache=ibsi_cache)
-    one_view = dataclasses.replace(DEFAULT_PROPAGATION, mirror_weight=0.0)
+    one_view = dataclasses.replace(DEFAULT_PROPAGATION, views="")
     trace: list = []
     result = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter, trace=trace, settings=one_view)
     means_only = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter, settings=dataclasses.replace(
@@ -844,7 +867,7 @@ def test_smoothing_along_z_helps_on_a_real_patient(shared_data: Path, ibsi_cache
     (measured); the extent is the chain's either way."""
     volume, truth, seed_index = ibsi_patient(shared_data, PROPAGATION_PATIENT)
     segmenter = SliceSegmenter(cache=ibsi_cache)
-    no_taper = dataclasses.replace(DEFAULT_PROPAGATION, taper_cut=0.0, mirror_weight=0.0)  # smoothing alone
+    no_taper = dataclasses.replace(DEFAULT_PROPAGATION, taper_cut=0.0, views="")  # smoothing alone
     smoothed = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter, settings=no_taper)
     plain = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter,
                       settings=dataclasses.replace(no_taper, neighbour_smoothing=0.0))
@@ -871,12 +894,13 @@ def test_the_taper_cut_helps_on_a_real_patient(shared_data: Path, ibsi_cache: Em
 
 
 @pytest.mark.slow
-def test_the_mirrored_view_helps_on_a_real_patient(shared_data: Path, ibsi_cache: EmbeddingCache):
-    """On STS_006 volume Dice 0.836 without, 0.871 with the mirrored view averaged in
-    (measured): the two views' errors partly cancel. The seed stays the annotator's."""
-    assert DEFAULT_PROPAGATION.mirror_weight > 0
-    truth, seed_index, both, own = propagate_with_and_without(shared_data, ibsi_cache, "STS_006", mirror_weight=0.0)
-    print(f"STS_006 volume Dice: own view {dice(own, truth):.3f}, with the mirrored view {dice(both, truth):.3f}")
+def test_the_other_views_help_on_a_real_patient(shared_data: Path, ibsi_cache: EmbeddingCache):
+    """On STS_006 volume Dice 0.836 on the slice alone, 0.864 with the default views (rot180,
+    antitranspose) averaged in (0.871 with the mirrored view alone, the default before; measured,
+    float32): the views' errors partly cancel. The seed stays the annotator's."""
+    assert propagation_views(DEFAULT_PROPAGATION)
+    truth, seed_index, both, own = propagate_with_and_without(shared_data, ibsi_cache, "STS_006", views="")
+    print(f"STS_006 volume Dice: own view {dice(own, truth):.3f}, with the other views {dice(both, truth):.3f}")
     assert np.array_equal(both[seed_index], truth[seed_index])
     assert dice(both, truth) > dice(own, truth) + 0.01
 
@@ -944,7 +968,7 @@ def test_feature_prior_tightens_propagation_on_a_real_patient(shared_data: Path,
     volume, truth, seed_index = ibsi_patient(shared_data, "STS_050")
     segmenter = SliceSegmenter(cache=ibsi_cache)
     # No taper: it may end either extent a slice early; one view, as the figures were measured.
-    no_taper = dataclasses.replace(DEFAULT_PROPAGATION, taper_cut=0.0, mirror_weight=0.0)
+    no_taper = dataclasses.replace(DEFAULT_PROPAGATION, taper_cut=0.0, views="")
     plain = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter,
                       settings=dataclasses.replace(no_taper, feature_prior=0.0))
     guided = propagate(volume, seed_index, truth[seed_index], segmenter=segmenter, settings=no_taper)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from core.errors import ConfigError
-from workers.models.litemedsam import cpu_has_amx
+from workers.models.litemedsam import cpu_has_bf16_units
 from workers.worker import worker_switches
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -20,10 +20,13 @@ def test_worker_switches_report_the_environment(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("STS_WARM_EMBEDDINGS", "off")
     monkeypatch.setenv("STS_WARM_PROMPT_VIEWS", "rot180,transpose")  # transpose is in the prompt views already
     monkeypatch.setenv("STS_CPU_BF16", "on")
-    assert worker_switches() == {"mirror_view": True, "prompt_views": "flip_x,transpose",
+    assert worker_switches() == {"propagation_views": "rot180,antitranspose", "prompt_views": "flip_x,transpose",
                                  "warm_prompt_views": "rot180", "warm_embeddings": False, "cpu_bf16": True}
     monkeypatch.setenv("STS_CPU_BF16", "auto")
-    assert worker_switches()["cpu_bf16"] == cpu_has_amx()
+    assert worker_switches()["cpu_bf16"] == cpu_has_bf16_units()
+    monkeypatch.setenv("STS_MIRROR_VIEW", "off")
+    assert worker_switches()["propagation_views"] == "none"
+    monkeypatch.delenv("STS_MIRROR_VIEW")
     monkeypatch.setenv("STS_CPU_BF16", "sometimes")
     with pytest.raises(ConfigError, match=r"STS_CPU_BF16='sometimes'.*or auto"):
         worker_switches()

@@ -53,14 +53,17 @@ optionally encoder) that the workers load over the base weights."""
 
 CPU_BF16_ENV = "STS_CPU_BF16"
 """Whether the image encoder runs under bfloat16 autocast on a CPU: on/off words, or ``auto`` (the
-default, also when unset): on where the CPU has AMX tiles (Intel Xeon 4th generation and later),
-whose bfloat16 matrix units run TinyViT twice as fast (2 cores: 849 → 407 ms per slice; a first
-click through HTTP and a worker 989-1232 → 724 ms p50). Without AMX, bfloat16 has no matrix units
-to run on (an earlier session found CPU autocast slower than float32 there), so auto keeps float32.
-The embeddings differ from float32's by 4-8 % (relative norm), as a GPU's bfloat16 ones do; on the
-25 development patients (two CPU cores) box prompts gave (a) 0.8788 → 0.8811, (b) 0.8257 → 0.8252,
-and propagation (d) 0.8505 → 0.8563 (see ``docs/segmentation-notes.md``, "The image encoder on a
-CPU"). Read on every ``embed`` call (``cpu_bf16_enabled``)."""
+default, also when unset): on where the CPU has bfloat16 matrix instructions (``cpu_has_bf16_units``:
+AMX tiles, Intel Xeon 4th generation and later, or AVX512-BF16, e.g. AMD EPYC Zen 4), which run
+TinyViT twice as fast: on 2 cores 849 → 407 ms per slice with AMX (a first click through HTTP and a
+worker 989-1232 → 724 ms p50), 818-948 → 438-488 ms with AVX512-BF16 (an AMD EPYC, medians of 4).
+Without either, bfloat16 has nothing to run on (an earlier session found CPU autocast slower than
+float32 there), so auto keeps float32. The embeddings differ from float32's by 4-8 % (relative
+norm), as a GPU's bfloat16 ones do; on the 25 development patients (two CPU cores) box prompts gave
+(a) 0.8788 → 0.8811, (b) 0.8257 → 0.8252, and propagation (d) 0.8505 → 0.8563 with AMX, and the GPU
+default's six views (a) 0.8987 → 0.9006, (b) 0.8332 → 0.8327 with AVX512-BF16 (see
+``docs/segmentation-notes.md``, "The image encoder on a CPU"). Read on every ``embed`` call
+(``cpu_bf16_enabled``)."""
 
 DEFAULT_INTENSITY_PERCENTILES = (0.5, 99.5)
 """Percentiles a slice is clipped to before min-max scaling: MedSAM's MR preprocessing clipped MR
@@ -181,7 +184,7 @@ class LiteMedSAM(nn.Module):
         ``[B, 256, 64, 64]`` (float32).
 
         On CUDA the encoder runs under bfloat16 autocast (faster, and TinyViT's LayerNorm/softmax are
-        kept in float32 by autocast); on CPU too where ``cpu_bf16_enabled`` (AMX), else in float32.
+        kept in float32 by autocast); on CPU too where ``cpu_bf16_enabled`` (AMX or AVX512-BF16), else in float32.
         """
         # non-blocking: a blocking copy would first wait for all the GPU's queued work
         images = images.to(self.device, torch.float32, non_blocking=True)
@@ -288,20 +291,21 @@ MASK_PROMPT_LOGIT = 8.0
 fine-tuning and propagation must give the decoder the same scale."""
 
 
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles (bfloat16 matrix units), as torch's CPU feature probe says."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe()) if probe is not None else False
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU computes bfloat16 products natively (AMX tiles or AVX512-BF16), as torch's CPU
+    feature probes say; elsewhere bfloat16 is emulated, slower than float32."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(bool(probe()) for probe in probes if probe is not None)
 
 
 def cpu_bf16_enabled() -> bool:
-    """``$STS_CPU_BF16`` (see ``CPU_BF16_ENV``): on/off words, or ``auto`` (or unset) for ``cpu_has_amx``.
+    """``$STS_CPU_BF16`` (see ``CPU_BF16_ENV``): on/off words, or ``auto`` (or unset) for ``cpu_has_bf16_units``.
 
     Raises:
         ConfigError: any other value, naming the variable.
     """
     if os.environ.get(CPU_BF16_ENV, "").strip().lower() in ("", "auto"):
-        return cpu_has_amx()
+        return cpu_has_bf16_units()
     try:
         return env_flag(CPU_BF16_ENV)
     except ConfigError as error:
