@@ -256,8 +256,9 @@ The two views box prompts chose (rot180 and antitranspose, each slice's logits t
 instead of the mirrored one (2026-12-06; encoder in bfloat16 on an AVX512-BF16 CPU, cut volumes,
 chosen on the first 12 patients and checked on the other 13): on the 12, 0.8384 → 0.8492 (10 better,
 2 worse by up to 0.017; STS_015 0.848 → 0.895, STS_023 0.720 → 0.771), on the 13 0.8737 → 0.8755
-(8 better, 5 worse by up to 0.017); all 25 0.8568 → 0.8629. A CPU worker warms these two views for
-box prompts anyway, so propagation's own view is one encoder pass a slice less to warm."""
+(8 better, 5 worse by up to 0.017); all 25 0.8568 → 0.8629. In float32, the 12: 0.8289 → 0.8420.
+A CPU worker warms these two views for box prompts anyway, so propagation's own view is one encoder
+pass a slice less to warm."""
 
 
 @dataclass
