@@ -10,6 +10,7 @@ the public names (``propagate``, ``PropagationSettings``, ``DEFAULT_PROPAGATION`
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -20,11 +21,11 @@ import numpy as np
 import torch
 
 from core.errors import ConfigError, InputError
-from core.settings import FLAG_OFF, FLAG_ON, env_flag
+from core.settings import env_flag
 from workers.embedding_cache import EmbeddedSlice
 from workers.models.litemedsam import ModelFrame, mask_prompt_logits
 from workers.slice_masks import check_box, disk, fill_holes, keep_components, mask_box, outline_logits
-from workers.slice_views import SliceView, average_views, parse_views, view_names
+from workers.slice_views import SliceView, average_views, parse_views, view_names, views_from_env
 
 if TYPE_CHECKING:
     from workers.segmentation import SliceSegmenter
@@ -623,10 +624,18 @@ def propagation_views(settings: PropagationSettings) -> tuple[SliceView, ...]:
         ConfigError: an unknown or zoomed view (a zoomed view's window would follow every slice's box,
             so its embeddings could never be warmed ahead).
     """
-    views = parse_views(settings.views, "PropagationSettings.views")
+    return _whole_slice_views(settings.views, "PropagationSettings.views")
+
+
+@functools.lru_cache(maxsize=32)
+def _whole_slice_views(raw: str, source: str) -> tuple[SliceView, ...]:
+    """``parse_views`` without zoomed views; cached, as every propagated slice asks again."""
+    return _refuse_zoomed(parse_views(raw, f"{source}={raw!r}"), f"{source}={raw!r}")
+
+
+def _refuse_zoomed(views: tuple[SliceView, ...], source: str) -> tuple[SliceView, ...]:
     if any(view.zoom is not None for view in views):
-        raise ConfigError(f"PropagationSettings.views={settings.views!r}: expected whole-slice views "
-                          "(a zoomed one follows every slice's box)")
+        raise ConfigError(f"{source}: expected whole-slice views (a zoomed one follows every slice's box)")
     return views
 
 
@@ -638,13 +647,7 @@ def propagation_settings_from_env() -> PropagationSettings:
         ConfigError: an unknown or zoomed view name, or a word that is not on/off, naming the variable.
     """
     raw = os.environ.get(PROPAGATION_VIEWS_ENV, "").strip()
-    if not raw:
-        return DEFAULT_PROPAGATION if env_flag(MIRROR_VIEW_ENV) else replace(DEFAULT_PROPAGATION, views="")
-    if raw.lower() in FLAG_ON:
-        return DEFAULT_PROPAGATION
-    settings = replace(DEFAULT_PROPAGATION, views="" if raw.lower() in FLAG_OFF else raw)
-    try:
-        views = propagation_views(settings)
-    except ConfigError as error:
-        raise ConfigError(f"${PROPAGATION_VIEWS_ENV}={raw!r}: {error}") from None
-    return replace(settings, views=",".join(view_names(views)))
+    default = DEFAULT_PROPAGATION.views.split(",")
+    views = views_from_env(PROPAGATION_VIEWS_ENV, default, on_when_unset=not raw and env_flag(MIRROR_VIEW_ENV))
+    return replace(DEFAULT_PROPAGATION, views=",".join(view_names(
+        _refuse_zoomed(views, f"${PROPAGATION_VIEWS_ENV}={raw!r}"))))

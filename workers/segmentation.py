@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from core.errors import ConfigError, InputError, ProjectError
-from core.settings import FLAG_OFF, FLAG_ON, env_flag
+from core.settings import env_flag
 from workers.embedding_cache import (
     DEFAULT_EMBEDDING_CACHE_SIZE,
     EMBEDDING_CACHE_ENV,
@@ -50,7 +50,7 @@ from workers.propagation import PropagationSettings as PropagationSettings
 from workers.propagation import propagate as propagate
 from workers.propagation import propagation_settings_from_env as propagation_settings_from_env
 from workers.slice_masks import as_slice, box_region, check_box, check_points, fill_holes, keep_components
-from workers.slice_views import MIRRORED, SliceView, average_views, parse_views
+from workers.slice_views import MIRRORED, SliceView, average_views, parse_views, views_from_env
 
 DEFAULT_CPU_THREADS = 2
 """Torch threads on CPU: this project's machines have few cores, shared with other work."""
@@ -814,7 +814,7 @@ def prompt_views_from_env(gpu: bool | None = None) -> tuple[SliceView, ...]:
     if not os.environ.get(PROMPT_VIEWS_ENV, "").strip() and os.environ.get(LEGACY_MIRROR_PROMPTS_ENV, "").strip():
         return (MIRRORED,) if env_flag(LEGACY_MIRROR_PROMPTS_ENV) else ()
     gpu = torch.cuda.is_available() if gpu is None else gpu
-    return _views_from_env(PROMPT_VIEWS_ENV, DEFAULT_PROMPT_VIEWS, on_when_unset=gpu)
+    return views_from_env(PROMPT_VIEWS_ENV, DEFAULT_PROMPT_VIEWS, on_when_unset=gpu)
 
 
 def warm_prompt_views_from_env(gpu: bool | None = None) -> tuple[SliceView, ...]:
@@ -827,20 +827,8 @@ def warm_prompt_views_from_env(gpu: bool | None = None) -> tuple[SliceView, ...]
         ConfigError: an unknown view name or a zoomed one (never warm), naming the variable.
     """
     gpu = torch.cuda.is_available() if gpu is None else gpu
-    views = _views_from_env(WARM_PROMPT_VIEWS_ENV, DEFAULT_WARM_PROMPT_VIEWS, on_when_unset=not gpu)
+    views = views_from_env(WARM_PROMPT_VIEWS_ENV, DEFAULT_WARM_PROMPT_VIEWS, on_when_unset=not gpu)
     return refuse_zoomed(views, f"${WARM_PROMPT_VIEWS_ENV}={os.environ.get(WARM_PROMPT_VIEWS_ENV, '')!r}")
-
-
-def _views_from_env(variable: str, default: Sequence[str], on_when_unset: bool) -> tuple[SliceView, ...]:
-    """The views a views variable names: view names; an on word for ``default``, an off word (or
-    'none') for none; unset or empty, ``default`` if ``on_when_unset``. A bad name → a ``ConfigError``
-    naming the variable and its value."""
-    raw = os.environ.get(variable, "").strip() or ("on" if on_when_unset else "off")
-    if raw.lower() in FLAG_ON:
-        return parse_views(",".join(default), f"the default of ${variable}")
-    if raw.lower() in FLAG_OFF:
-        return ()
-    return parse_views(raw, f"${variable}={raw!r}")
 
 
 def segment_slice(image: Any, box: Any = None, points: Any = None) -> np.ndarray:

@@ -21,6 +21,7 @@ order, so any combination is exact.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from core.errors import ConfigError
+from core.settings import FLAG_OFF, FLAG_ON
 
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
@@ -226,3 +228,15 @@ def average_views(logits: Sequence[ArrayT]) -> ArrayT:
         return torch.stack(filled).sum(dim=0) / len(logits)
     filled = [own, *(np.where(np.isnan(other), own, other) for other in logits[1:])]
     return np.stack(filled).sum(axis=0) / len(logits)
+
+
+def views_from_env(variable: str, default: Sequence[str], on_when_unset: bool) -> tuple[SliceView, ...]:
+    """The views a views variable names: view names; an on word for ``default``, an off word (or
+    'none') for none; unset or empty, ``default`` if ``on_when_unset``. A bad name → a ``ConfigError``
+    naming the variable and its value."""
+    raw = os.environ.get(variable, "").strip() or ("on" if on_when_unset else "off")
+    if raw.lower() in FLAG_ON:
+        return parse_views(",".join(default), f"the default of ${variable}")
+    if raw.lower() in FLAG_OFF:
+        return ()
+    return parse_views(raw, f"${variable}={raw!r}")
