@@ -50,11 +50,16 @@ from core.errors import ProjectError
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9090
+MAX_BODY_BYTES = 256 * 1024 * 1024
+"""Bodies past this are refused (413): a retrieve of 1,000 tasks with their brush predictions is tens of MB."""
 
 
 def _json_body() -> Any:
     """The request's JSON body, whatever its content type; ``PayloadError`` when it is not JSON."""
-    body = request.get_json(force=True, silent=True)
+    try:
+        body = request.get_json(force=True, silent=True)
+    except RecursionError:  # json's parser recurses per nesting level; werkzeug only catches ValueError
+        raise PayloadError("the request body is nested too deeply") from None
     if body is None:
         raw = request.get_data(cache=True)
         raise PayloadError("the request body is empty" if not raw.strip() else "the request body is not valid JSON")
@@ -72,6 +77,7 @@ def create_app(settings: BackendSettings | None = None, queues: JobQueues | None
     queues = queues or JobQueues.from_url(settings.redis_url, settings.redis_timeout_s, settings.interactive_wait_s)
     backend = SegmentationBackend(settings, queues)
     app = Flask("sts-backend")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.extensions["sts_backend"] = backend
 
     @app.get("/")
@@ -129,7 +135,8 @@ def create_app(settings: BackendSettings | None = None, queues: JobQueues | None
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
         log.exception("%s %s failed", request.method, request.path)
-        return jsonify({"error": type(exc).__name__, "reason": f"internal error: {exc}"}), 500
+        # The exception's text stays in the log: it may quote whatever the payload held.
+        return jsonify({"error": "InternalError", "reason": "internal error in the ML backend; see its log"}), 500
 
     return app
 

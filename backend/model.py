@@ -215,10 +215,12 @@ def _is_tumour_brush(region: Any) -> bool:
     if region.get("from_name") != BRUSH_CONTROL:
         return False
     value = region.get("value")
-    return isinstance(value, Mapping) and TUMOR_LABEL in (value.get("brushlabels") or [])
+    labels = value.get("brushlabels") if isinstance(value, Mapping) else None
+    return isinstance(labels, list) and TUMOR_LABEL in labels
 
 
-_CONTROL = r"<{tag}\b[^>]*\bname\s*=\s*[\"']{name}[\"']"
+# ``[^<>]*``, not ``[^>]*``: a tag that never closes must not make the search quadratic in the schema's length.
+_CONTROL = r"<{tag}\b[^<>]*\bname\s*=\s*[\"']{name}[\"']"
 
 
 def check_label_config(schema: str) -> None:

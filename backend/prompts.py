@@ -33,6 +33,8 @@ PERCENT_TOLERANCE = 1e-3
 """Coordinates this far outside 0-100 % (float round-off in the browser) are clipped, not refused."""
 MIN_BOX_SIDE_PX = 2.0
 """A rectangle narrower or lower than this (pixels) is a mis-click, not a prompt."""
+MAX_IMAGE_SIDE_PX = 65536
+"""No slice of an MRI series is wider or higher; a larger ``original_width`` is a malformed payload."""
 
 Box = tuple[float, float, float, float]
 Point = tuple[float, float, bool]
@@ -85,8 +87,9 @@ def slice_ref(task: Any) -> SliceRef:
         raise TaskDataError(f"task {task_id}: no case_id in its data (not a task created by import-patient)")
     try:
         check_patient_id(case_id)
-    except InputError as exc:
-        raise TaskDataError(f"task {task_id}: case_id {case_id!r} is not a case id") from exc
+    except InputError:  # the rejected value is not echoed: it might be a name typed by mistake
+        raise TaskDataError(f"task {task_id}: its case_id ({len(case_id)} characters) is not a case id: "
+                            "1-64 letters, digits, '.', '_' or '-'") from None
     modality = data.get("modality")
     if modality not in MODALITIES:
         raise TaskDataError(f"task {task_id}: modality {modality!r} is not one of {', '.join(MODALITIES)}")
@@ -102,11 +105,27 @@ def slice_ref(task: Any) -> SliceRef:
 # --------------------------------------------------------------------------------------- prompts
 
 
+def _finite(raw: Any) -> float | None:
+    """``raw`` as a finite float, or None (a bool, a string, NaN, ±inf, or a JSON integer past float's range)."""
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        return None
+    try:
+        number = float(raw)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _shown(raw: Any) -> str:
+    text = repr(raw)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+
+
 def _number(value: Mapping[str, Any], key: str, what: str) -> float:
-    raw = value.get(key)
-    if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
-        raise PromptError(f"{what}: value.{key} is {raw!r}, not a finite number")
-    return float(raw)
+    number = _finite(value.get(key))
+    if number is None:
+        raise PromptError(f"{what}: value.{key} is {_shown(value.get(key))}, not a finite number")
+    return number
 
 
 def _percent(raw: float, what: str, axis: str) -> float:
@@ -118,10 +137,11 @@ def _percent(raw: float, what: str, axis: str) -> float:
 def _check_unrotated(rotation: Any, what: str) -> None:
     if rotation in (None, 0):
         return
-    if isinstance(rotation, bool) or not isinstance(rotation, int | float) or not math.isfinite(rotation):
-        raise PromptError(f"{what}: rotation {rotation!r} is not a number")
-    if abs(math.remainder(float(rotation), 360.0)) > 1e-6:
-        raise PromptError(f"{what}: rotated by {rotation:g}°; only unrotated images and rectangles are supported")
+    degrees = _finite(rotation)
+    if degrees is None:
+        raise PromptError(f"{what}: rotation {_shown(rotation)} is not a number")
+    if abs(math.remainder(degrees, 360.0)) > 1e-6:
+        raise PromptError(f"{what}: rotated by {degrees:g}°; only unrotated images and rectangles are supported")
 
 
 def rectangle_to_box(value: Mapping[str, Any], width: int, height: int) -> Box:
@@ -165,6 +185,8 @@ def keypoint_to_point(region: Mapping[str, Any], width: int, height: int) -> Poi
     x = _percent(_number(value, "x", what), what, "x")
     y = _percent(_number(value, "y", what), what, "y")
     labels = value.get("keypointlabels") or []
+    if not isinstance(labels, list):
+        raise PromptError(f"{what}: value.keypointlabels must be a list of labels")
     negative = BACKGROUND_LABEL in labels or region.get("is_positive") is False
     px = min(max(x * width / 100.0 - 0.5, 0.0), width - 1.0)
     py = min(max(y * height / 100.0 - 0.5, 0.0), height - 1.0)
@@ -174,8 +196,9 @@ def keypoint_to_point(region: Mapping[str, Any], width: int, height: int) -> Poi
 def _image_size(region: Mapping[str, Any]) -> tuple[int, int]:
     width, height = region.get("original_width"), region.get("original_height")
     for name, v in (("original_width", width), ("original_height", height)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise PromptError(f"{region.get('type', 'region')}: {name} is {v!r}, not a positive integer")
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_IMAGE_SIDE_PX:
+            raise PromptError(f"{region.get('type', 'region')}: {name} is {_shown(v)}, "
+                              f"not a positive integer up to {MAX_IMAGE_SIDE_PX}")
     return int(width), int(height)
 
 

@@ -39,7 +39,7 @@ from core.queues import (
     PROPAGATE_ANNOTATION_JOB,
     SEGMENT_INTERACTIVE_JOB,
 )
-from core.redis_store import preannotate_job_id
+from core.redis_store import LATEST_PROPAGATION_TTL_S, latest_propagation_key, preannotate_job_id
 
 log = logging.getLogger(__name__)
 
@@ -195,14 +195,23 @@ class JobQueues:
         return True
 
     def enqueue_propagation(self, kwargs: Mapping[str, Any]) -> str:
-        """Enqueue ``propagate_annotation`` on the pre-annotation queue; returns the job id."""
-        with redis_guard(self.connection):
+        """Enqueue ``propagate_annotation`` on the pre-annotation queue; returns the job id.
+
+        The job is recorded as the task's latest propagation in the same transaction, so a job of an
+        earlier save of the same task that has not run yet stands down instead of writing an
+        outdated outline after this one (``workers.jobs.propagate_annotation``).
+        """
+        with redis_guard(self.connection), self.connection.pipeline() as pipeline:
             job = self.queue(PREANNOTATE_QUEUE).enqueue_call(
                 PROPAGATE_ANNOTATION_JOB, kwargs=dict(kwargs), timeout=DEFAULT_PREANNOTATE_TIMEOUT_S,
                 result_ttl=DEFAULT_RESULT_TTL_S, failure_ttl=DEFAULT_FAILURE_TTL_S, retry=PROPAGATE_RETRY,
                 description=f"propagate task {kwargs.get('task_id')} ({kwargs.get('case_id')} "
                             f"{kwargs.get('modality')} slice {kwargs.get('slice_index')})",
+                pipeline=pipeline,
             )
+            pipeline.set(latest_propagation_key(kwargs["project_id"], kwargs["task_id"]), job.id,
+                         ex=LATEST_PROPAGATION_TTL_S)
+            pipeline.execute()
         return job.id
 
 

@@ -32,12 +32,12 @@ CASE_JSON = "case.json"
 SLICES_DIR = "slices"
 LABELS_DIR = "labels"
 MODALITIES = ("T1", "T2")
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def check_patient_id(patient_id: str) -> str:
     """A pseudonym usable as a folder name and a Label Studio filter value."""
-    if not _ID_PATTERN.match(patient_id or ""):
+    if not isinstance(patient_id, str) or not _ID_PATTERN.fullmatch(patient_id):
         raise InputError(
             f"patient id {patient_id!r} is not usable: 1-64 characters, letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (use the study pseudonym, never a name)"

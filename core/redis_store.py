@@ -63,6 +63,20 @@ def worker_info_key(worker_name: str) -> str:
     return f"sts:worker:{worker_name}"
 
 
+LATEST_PROPAGATION_TTL_S = 7 * 24 * 3600
+"""How long the backend remembers a task's latest propagation job (longer than any job waits)."""
+
+
+def latest_propagation_key(project_id: int | str, task_id: int | str) -> str:
+    """The id of the propagation job of a task's latest save: an older job for that task stands down."""
+    return f"sts:propagation:latest:{project_id}:{task_id}"
+
+
+def propagation_lock_key(project_id: int | str, case_id: str, modality: str) -> str:
+    """One propagation at a time per case and modality, so that two never write the same slices."""
+    return f"sts:propagation:lock:{project_id}:{case_id}:{modality}"
+
+
 def preannotate_job_id(version: str, case_id: str, modality: str) -> str:
     """RQ job id of a case's pre-annotation: the same inputs give the same id (enqueued once).
 

@@ -10,9 +10,11 @@ preprocessing or model never serves a stale embedding.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,15 @@ EMBEDDING_CACHE_GB_ENV = "STS_EMBEDDING_CACHE_GB"
 
 DEFAULT_EMBEDDING_CACHE_GB = 20.0
 """About 10,000 slices (2 MiB each): the cases a team is working on, not the archive."""
+
+PRUNE_EVERY_PUTS = 256
+"""A disk cache with a budget prunes itself after this many new files (512 MiB): one scan of its
+folder per few hundred encoder passes keeps it near its budget at a negligible cost."""
+
+STALE_TEMP_S = 3600.0
+"""A temporary file this old was left by a worker killed mid-write (a write takes milliseconds)."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -95,12 +106,21 @@ class DiskEmbeddingCache(EmbeddingCache):
 
     Files are ``<root>/<model version>/<key[:2]>/<key>.npz`` (float16 ``embedding [256, 64, 64]``),
     content-addressed by the same key as the memory cache, so a changed preprocessing or model can
-    never serve a stale embedding. Writes are atomic (a reader never sees half a file).
+    never serve a stale embedding. Writes are atomic (a reader never sees half a file). They are not
+    fsynced: a file a power loss left empty or cut short is found unreadable on its next read,
+    deleted and computed again, which costs one encoder pass instead of a sync on every write.
+
+    Args:
+        max_bytes: with it, the cache prunes itself back to this size after every
+            ``PRUNE_EVERY_PUTS`` writes (``prune``), so it stays bounded without warm-ups too.
     """
 
-    def __init__(self, root: str | os.PathLike[str], model_version: str, max_entries: int = 1024) -> None:
+    def __init__(self, root: str | os.PathLike[str], model_version: str, max_entries: int = 1024,
+                 max_bytes: int | None = None) -> None:
         super().__init__(max_entries)
         self.root = Path(root).expanduser() / model_version
+        self.max_bytes = max_bytes
+        self._puts_since_prune = 0
 
     def path_for(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.npz"
@@ -113,8 +133,15 @@ class DiskEmbeddingCache(EmbeddingCache):
         try:
             with np.load(path) as data:
                 embedding = torch.from_numpy(data["embedding"])
+            if embedding.ndim != 3:
+                raise ValueError(f"an embedding of shape {tuple(embedding.shape)}")
             os.utime(path)  # recently used: pruned last
-        except (OSError, ValueError, KeyError):  # absent, pruned meanwhile, or unreadable: compute again
+        except FileNotFoundError:  # absent, or pruned meanwhile: compute it
+            return None
+        except Exception as exc:  # any unreadable file (cut short, not a zip, not an embedding) is a miss
+            log.warning("embedding cache: %s is unreadable (%s: %s); deleted, it will be computed again",
+                        path, type(exc).__name__, exc)
+            path.unlink(missing_ok=True)
             return None
         self.misses -= 1
         self.hits += 1
@@ -123,14 +150,28 @@ class DiskEmbeddingCache(EmbeddingCache):
     def __contains__(self, key: str) -> bool:
         return super().__contains__(key) or self.path_for(key).is_file()
 
-    def prune(self, max_bytes: int) -> int:
-        """Delete the least recently used files until the cache holds at most ``max_bytes``; returns
-        how many were deleted. Other workers may read meanwhile: a file gone under them is a miss."""
+    def prune(self, max_bytes: int | None = None) -> int:
+        """Delete the least recently used files until the cache holds at most ``max_bytes`` (default
+        ``self.max_bytes``); returns how many were deleted.
+
+        Counts every model version's folder under the root, so the embeddings of an encoder no longer
+        served go first instead of staying forever. Other workers may read meanwhile (a file gone
+        under them is a miss) or write: their temporary files are left alone unless a killed worker
+        left them behind (older than ``STALE_TEMP_S``).
+        """
+        max_bytes = self.max_bytes if max_bytes is None else max_bytes
+        if max_bytes is None:
+            return 0
         files = []
-        for path in self.root.glob("*/*.npz"):
+        now = time.time()
+        for path in self.root.parent.glob("*/*/*.npz"):
             try:
                 stat = path.stat()
             except FileNotFoundError:
+                continue
+            if path.name.startswith("."):  # a write in progress, or one that never finished
+                if now - stat.st_mtime > STALE_TEMP_S:
+                    path.unlink(missing_ok=True)
                 continue
             files.append((stat.st_mtime, stat.st_size, path))
         total = sum(size for _, size, _ in files)
@@ -156,6 +197,13 @@ class DiskEmbeddingCache(EmbeddingCache):
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
+            with self._lock:
+                self._puts_since_prune += 1
+                due = self.max_bytes is not None and self._puts_since_prune >= PRUNE_EVERY_PUTS
+                if due:
+                    self._puts_since_prune = 0
+            if due:
+                self.prune()
         return stored
 
 

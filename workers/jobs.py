@@ -50,7 +50,14 @@ from core.queues import (
     PREANNOTATE_QUEUE,
     WARM_EMBEDDINGS_JOB,
 )
-from core.redis_store import DEFAULT_NO_MODEL_TTL_S, STATUS_DONE, STATUS_NO_MODEL, PreannotationStore
+from core.redis_store import (
+    DEFAULT_NO_MODEL_TTL_S,
+    STATUS_DONE,
+    STATUS_NO_MODEL,
+    PreannotationStore,
+    latest_propagation_key,
+    propagation_lock_key,
+)
 from core.settings import Settings, env_flag
 
 log = logging.getLogger(__name__)
@@ -271,17 +278,59 @@ def propagation_range(seed_index: int, annotated: set[int], depth: int) -> tuple
     return (max(below) + 1 if below else 0, min(above) - 1 if above else depth - 1)
 
 
+PROPAGATION_LOCK_WAIT_S = DEFAULT_PREANNOTATE_TIMEOUT_S / 3
+"""How long a propagation waits for another of the same case before it gives up and is retried."""
+
+
+class PropagationBusyError(RuntimeError):
+    """Another propagation of the same case held its lock too long: transient, so the job is retried
+    (not a ``ProjectError``, which ends the retries)."""
+
+
+@contextlib.contextmanager
+def _propagation_turn(connection: redis.Redis | None, project_id: int, task_id: int, case_id: str,
+                      modality: str) -> Iterator[bool]:
+    """Wait for the case's propagation lock; yield whether this job is still its task's latest.
+
+    Two preannotate workers must not propagate into the same slices at once (each would add its
+    prediction before deleting the other's), and a job of an earlier save of the task must not
+    write over a later one: the backend records each task's latest job (``enqueue_propagation``).
+    Outside an RQ job, with no connection given, there is nothing to coordinate with: yields True.
+    """
+    from rq import get_current_job
+
+    job = get_current_job()
+    connection = connection if connection is not None else (job.connection if job is not None else None)
+    if connection is None:
+        yield True
+        return
+    lock = connection.lock(propagation_lock_key(project_id, case_id, modality), timeout=DEFAULT_PREANNOTATE_TIMEOUT_S,
+                           blocking_timeout=PROPAGATION_LOCK_WAIT_S)
+    if not lock.acquire():
+        raise PropagationBusyError(f"{case_id} {modality}: another propagation held the case for "
+                                   f"{PROPAGATION_LOCK_WAIT_S:g} s")
+    try:
+        latest = connection.get(latest_propagation_key(project_id, task_id))
+        yield job is None or latest is None or latest.decode() == job.id
+    finally:
+        with contextlib.suppress(redis.exceptions.LockError):  # expired meanwhile: nothing to release
+            lock.release()
+
+
 @_job
 def propagate_annotation(project_id: int, task_id: int, case_id: str, modality: str, slice_index: int,
                          brush_results: Sequence[dict[str, Any]], annotation_id: int | None = None,
-                         data_dir: str | Path | None = None, client: Any = None) -> dict[str, Any]:
+                         data_dir: str | Path | None = None, client: Any = None,
+                         connection: redis.Redis | None = None) -> dict[str, Any]:
     """Propagate one annotated slice to its neighbours and write them to Label Studio as predictions.
 
     Only tasks of the same case and modality without a human annotation get a prediction, and only
     between the nearest annotated slices (``propagation_range``). On each of them, earlier propagated
     predictions (``propagated-*``) are replaced: the new one is created first, then the old ones are
     deleted, so a crash in between leaves a duplicate that the retry removes, never a gap. A slice
-    where the tumour ended loses its old propagated prediction.
+    where the tumour ended loses its old propagated prediction. One propagation of a case and
+    modality runs at a time, and a job whose task was saved again since stands down
+    (``"superseded": True``): the later save's job propagates the newer outline.
 
     Args:
         project_id, task_id: where the annotation was saved.
@@ -290,11 +339,24 @@ def propagate_annotation(project_id: int, task_id: int, case_id: str, modality: 
         annotation_id: for the log.
         data_dir: default ``$STS_DATA_DIR``.
         client: a ``label_studio_sdk.LabelStudio``; default from ``LABEL_STUDIO_URL``/``LABEL_STUDIO_API_KEY``.
+        connection: Redis for the lock; default the running job's (none outside a job: no lock).
 
     Returns:
         Counts: ``written``, ``cleared`` (old predictions removed where the tumour ended),
-        ``deleted`` (old predictions replaced), ``skipped_annotated``, plus ``range`` and ``model_version``.
+        ``deleted`` (old predictions replaced), ``skipped_annotated``, plus ``range``, ``model_version``
+        and ``superseded``.
     """
+    with _propagation_turn(connection, project_id, task_id, case_id, modality) as latest:
+        if not latest:
+            log.info("propagation of annotation %s (task %s) superseded by a later save", annotation_id, task_id)
+            return {"superseded": True, "written": 0, "cleared": 0, "deleted": 0, "skipped_annotated": 0}
+        return _propagate_annotation(project_id, task_id, case_id, modality, slice_index, brush_results,
+                                     annotation_id, data_dir, client)
+
+
+def _propagate_annotation(project_id: int, task_id: int, case_id: str, modality: str, slice_index: int,
+                          brush_results: Sequence[dict[str, Any]], annotation_id: int | None,
+                          data_dir: str | Path | None, client: Any) -> dict[str, Any]:
     start = time.perf_counter()
     from core.ls_client import call
     from workers.segmentation import propagate, propagation_settings_from_env
@@ -310,8 +372,8 @@ def propagate_annotation(project_id: int, task_id: int, case_id: str, modality: 
     annotated = {z for z, task in tasks.items() if has_human_annotation(task)} | {slice_index}
     first, last = propagation_range(slice_index, annotated, depth)
     version = PROPAGATED_PREFIX + _segmentation_version()
-    counts = {"written": 0, "cleared": 0, "deleted": 0, "skipped_annotated": 0, "range": [first, last],
-              "model_version": version, "seed_pixels": int(seed.sum())}
+    counts = {"superseded": False, "written": 0, "cleared": 0, "deleted": 0, "skipped_annotated": 0,
+              "range": [first, last], "model_version": version, "seed_pixels": int(seed.sum())}
     if not seed.any() or first == last:
         counts["elapsed_ms"] = _elapsed_ms(start)
         return counts
@@ -420,11 +482,20 @@ def warming_enabled() -> bool:
 
 
 def _others_waiting(connection: redis.Redis | None) -> bool:
-    """Anyone queued for this worker: an annotator (interactive) or a propagation / whole-case job."""
+    """Anyone queued for this worker: an annotator (interactive) or a propagation / whole-case job.
+
+    Another case's warm-up is not a reason to give way: two warm-ups yielding to each other would
+    take turns one slice at a time, each turn re-reading its case (they run one after the other).
+    """
     from rq import Queue
+    from rq.job import Job
 
     conn = _connection(connection)
-    return any(Queue(name, connection=conn).count > 0 for name in (INTERACTIVE_QUEUE, PREANNOTATE_QUEUE))
+    if Queue(INTERACTIVE_QUEUE, connection=conn).count > 0:
+        return True
+    waiting = Queue(PREANNOTATE_QUEUE, connection=conn).get_job_ids(0, 63)
+    return any(job is not None and job.func_name != WARM_EMBEDDINGS_JOB
+               for job in Job.fetch_many(waiting, connection=conn))
 
 
 def _warm(volume: np.ndarray, case_id: str, modality: str, data_dir: str | Path | None,
@@ -442,7 +513,7 @@ def _warm(volume: np.ndarray, case_id: str, modality: str, data_dir: str | Path 
     """
     from rq import get_current_job
 
-    from workers.embedding_cache import DiskEmbeddingCache, embedding_cache_budget_bytes
+    from workers.embedding_cache import DiskEmbeddingCache
     from workers.propagation import propagation_views
     from workers.segmentation import default_segmenter, propagation_settings_from_env
     from workers.slice_views import SliceView
@@ -477,7 +548,7 @@ def _warm(volume: np.ndarray, case_id: str, modality: str, data_dir: str | Path 
         done += len(chunk)
     pruned = 0
     if isinstance(segmenter.cache, DiskEmbeddingCache) and done:
-        pruned = segmenter.cache.prune(embedding_cache_budget_bytes())
+        pruned = segmenter.cache.prune()
     return {"slices": len(volume), "views": 1 + len(other_views), "embedded": done, "left": len(pending),
             "yielded": yielded, "pruned": pruned,
             "shared": isinstance(segmenter.cache, DiskEmbeddingCache)}

@@ -42,6 +42,7 @@ from workers.embedding_cache import (
     DiskEmbeddingCache,
     EmbeddedSlice,
     EmbeddingCache,
+    embedding_cache_budget_bytes,
     embedding_key,
 )
 from workers.models.litemedsam import LiteMedSAM, ModelFrame, load_litemedsam, preprocess_slice
@@ -763,7 +764,8 @@ def default_segmenter() -> SliceSegmenter:
             root = os.environ.get(EMBEDDING_CACHE_ENV)
             if root:
                 segmenter.cache = DiskEmbeddingCache(root, segmenter.model.encoder_version,
-                                                     max_entries=DEFAULT_EMBEDDING_CACHE_SIZE)
+                                                     max_entries=DEFAULT_EMBEDDING_CACHE_SIZE,
+                                                     max_bytes=embedding_cache_budget_bytes())
             _DEFAULT_SEGMENTER = segmenter
         return _DEFAULT_SEGMENTER
 

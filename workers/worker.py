@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 WORKER_INFO_TTL_S = 7 * 24 * 3600
 """``sts:worker:<name>`` outlives a crashed worker at most this long (a clean exit deletes it)."""
 FAILED_JOBS_SHOWN = 20
+PROCESS_STARTED = datetime.now(UTC)
+"""When this module was imported, i.e. when the worker process started: an RQ worker registered
+under our pid before then belongs to an earlier process (``_is_dead_local_worker``)."""
 
 
 def detect_device() -> str:
@@ -82,6 +85,7 @@ def warm_model() -> dict[str, Any]:
 def worker_switches() -> dict[str, bool | str]:
     """The ``STS_*`` switches the jobs will read, read once at start so that a typo stops the
     worker with a ``ConfigError`` naming the variable instead of failing every job later."""
+    from workers.embedding_cache import EMBEDDING_CACHE_ENV, embedding_cache_budget_bytes
     from workers.jobs import warming_enabled
     from workers.models.litemedsam import cpu_bf16_enabled
     from workers.propagation import propagation_views
@@ -90,7 +94,10 @@ def worker_switches() -> dict[str, bool | str]:
 
     prompt_views = prompt_views_from_env()
     warm_views = [view for view in warm_prompt_views_from_env() if view not in prompt_views]
-    return {"propagation_views": ",".join(view_names(propagation_views(propagation_settings_from_env()))) or "none",
+    shared_cache = os.environ.get(EMBEDDING_CACHE_ENV)
+    return {"embedding_cache": f"{shared_cache} ({embedding_cache_budget_bytes() / 1e9:g} GB)" if shared_cache
+            else "memory only",
+            "propagation_views": ",".join(view_names(propagation_views(propagation_settings_from_env()))) or "none",
             "prompt_views": ",".join(view_names(prompt_views)) or "none",
             "warm_prompt_views": ",".join(view_names(warm_views)) or "none",
             "warm_embeddings": warming_enabled(), "cpu_bf16": cpu_bf16_enabled()}
@@ -106,13 +113,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _is_dead_local_worker(worker: Any, host: str) -> bool:
+    """Whether a registered worker was a process of this host that no longer runs.
+
+    A worker with our own pid is dead too when it registered before this process started: a container
+    restarted after a crash gives its worker the same host name and pid (1) again, and RQ would refuse
+    the new worker's name for the old one's lifetime (about 8 minutes), crash after crash.
+    """
+    if worker.hostname != host or not worker.pid:
+        return False
+    if worker.pid != os.getpid():
+        return not _pid_alive(worker.pid)
+    born = worker.birth_date
+    if born is None:
+        return False
+    return (born if born.tzinfo else born.replace(tzinfo=UTC)) < PROCESS_STARTED
+
+
 def reap_dead_local_workers(connection: redis.Redis) -> list[str]:
     """Hand back the jobs of workers on this host whose process is gone.
 
     RQ would notice them only when their started-registry entry expires (the job's time limit plus
     60 s for a ``SimpleWorker``: 16 minutes for a pre-annotation). A registered worker whose host name
-    is ours and whose pid no longer exists is dead for sure; its started jobs are expired now and RQ's
-    own cleanup applies (requeue when retries are left, else FailedJobRegistry, ``AbandonedJobError``).
+    is ours and whose process no longer exists is dead for sure (``_is_dead_local_worker``); its
+    started jobs are expired now and RQ's own cleanup applies (requeue when retries are left, else
+    FailedJobRegistry, ``AbandonedJobError``).
 
     Returns:
         Ids of the jobs handed back.
@@ -122,8 +147,7 @@ def reap_dead_local_workers(connection: redis.Redis) -> list[str]:
     from rq.registry import StartedJobRegistry
 
     host = socket.gethostname()
-    dead = [w for w in Worker.all(connection=connection)
-            if w.hostname == host and w.pid and w.pid != os.getpid() and not _pid_alive(w.pid)]
+    dead = [w for w in Worker.all(connection=connection) if _is_dead_local_worker(w, host)]
     reaped: list[str] = []
     for worker in dead:
         for queue_name in worker.queue_names():

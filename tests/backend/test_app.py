@@ -31,6 +31,7 @@ from core.redis_store import (
     STATUS_NO_MODEL,
     PreannotationStore,
     annotation_counts,
+    latest_propagation_key,
     preannotate_job_id,
 )
 from core.settings import Settings
@@ -189,7 +190,7 @@ def test_malformed_predict_payloads_are_4xx(client, listener, payload, status: i
 
 
 def test_body_that_is_not_json_is_400(client) -> None:
-    for body in ("", "{not json", "\x00"):
+    for body in ("", "{not json", "\x00", "[" * 100_000):
         response = client.post("/predict", data=body, content_type="application/json")
         assert response.status_code == 400 and response.json["error"] == "PayloadError"
 
@@ -287,6 +288,18 @@ def test_setup_checks_the_labeling_config(client) -> None:
     assert client.post("/setup", json={"schema": 3}).status_code == 400
 
 
+def test_setup_answers_a_schema_of_unclosed_tags_at_once(client) -> None:
+    """The control search is linear in the schema's length: 2 MB of tags that never close took hours
+    with a quadratic pattern (34 s at 260 kB), holding the GIL of every thread of the worker."""
+    answers: list = []
+    schema = "<BrushLabels " * 160_000
+    thread = threading.Thread(target=lambda: answers.append(client.post("/setup", json={"schema": schema})),
+                              daemon=True)
+    thread.start()
+    thread.join(timeout=60)  # a guard against a hang, not a timing: the answer takes milliseconds
+    assert answers and answers[0].status_code == 422 and "BrushLabels" in answers[0].json["reason"]
+
+
 # --------------------------------------------------------------------------------------- webhook
 
 
@@ -306,6 +319,7 @@ def test_saved_annotation_enqueues_propagation_and_is_counted(client, redis_db) 
     assert response.status_code == 200 and response.json["status"] == "queued"
     (job,) = Queue(PREANNOTATE_QUEUE, connection=redis_db).get_jobs()
     assert job.id == response.json["job_id"] and job.func_name == PROPAGATE_ANNOTATION_JOB
+    assert redis_db.get(latest_propagation_key(3, 101)).decode() == job.id  # an older job of the task stands down
     assert job.kwargs == {"project_id": 3, "task_id": 101, "case_id": "STS-0001", "modality": "T2",
                           "slice_index": 13, "brush_results": event["annotation"]["result"], "annotation_id": 55}
     assert job.retries_left == 3
@@ -339,6 +353,8 @@ def test_other_actions_are_acknowledged(client, redis_db, action: str) -> None:
     ({**annotation_event(), "task": {**task(), "id": "one"}}, 400, "task id"),
     ({**annotation_event(), "project": None, "task": {**task(), "project": None}}, 400, "project id"),
     ({**annotation_event(), "annotation": {"id": 1, "result": "x"}}, 400, "must be a list"),
+    (annotation_event(result=[{"type": "brushlabels", "from_name": "tumor", "value": {"brushlabels": 5}}]), 200,
+     "no Tumor brush"),
 ])
 def test_malformed_webhooks_are_4xx(client, payload, status: int, fragment: str) -> None:
     response = client.post("/webhook", json=payload)

@@ -108,6 +108,11 @@ def test_other_controls_are_ignored() -> None:
     ([{**rectangle(), "value": {"x": float("nan"), "y": 1, "width": 1, "height": 1}}], "not a finite number"),
     ([rectangle(), keypoint(original_width=W * 2)], "disagree on the image size"),
     ([keypoint(label="Background")], "only negative"),
+    ([{**rectangle(), "value": {"x": 10**400, "y": 1, "width": 1, "height": 1}}], "not a finite number"),
+    ([{**rectangle(), "value": {**rectangle()["value"], "rotation": -(10**400)}}], "rotation .* not a number"),
+    ([rectangle(original_width=10**400)], "original_width"),
+    ([rectangle(original_height=70000)], "up to 65536"),
+    ([keypoint(value={"x": 5, "y": 5, "keypointlabels": 5})], "must be a list"),
     ([{"type": "brushlabels", "from_name": "tumor"}], "no prompt in the request"),
     ([rectangle(from_name="other_box")], "no prompt in the request"),
 ])
@@ -144,6 +149,7 @@ def test_slice_ref_from_task_data() -> None:
 @pytest.mark.parametrize(("change", "error", "fragment"), [
     (lambda d: d.pop("case_id"), TaskDataError, "no case_id"),
     (lambda d: d.update(case_id="../etc"), TaskDataError, "not a case id"),
+    (lambda d: d.update(case_id="STS-0001\n"), TaskDataError, "not a case id"),
     (lambda d: d.update(modality="FLAIR"), TaskDataError, "modality 'FLAIR'"),
     (lambda d: d.update(slice_index="13"), TaskDataError, "slice_index '13'"),
     (lambda d: d.update(slice_index=True), TaskDataError, "slice_index True"),
@@ -161,3 +167,13 @@ def test_bad_task_data(change, error, fragment: str) -> None:
 def test_task_without_data_object_is_a_payload_error(task) -> None:
     with pytest.raises(PayloadError):
         slice_ref(task)
+
+
+def test_a_rejected_case_id_is_not_echoed() -> None:
+    """A case_id that is not a pseudonym may be a patient's name typed by mistake: never repeat it."""
+    task = copy.deepcopy(TASK)
+    task["data"]["case_id"] = "Jane Doe 1961-02-03"
+    with pytest.raises(TaskDataError) as caught:
+        slice_ref(task)
+    assert "Jane" not in str(caught.value) and "1961" not in str(caught.value)
+    assert "19 characters" in str(caught.value)

@@ -19,7 +19,13 @@ from core.brush_rle import brush_result_to_mask, decode_rle, mask_to_brush_resul
 from core.case_store import CaseStore
 from core.errors import AnnotationError, InputError
 from core.queues import INTERACTIVE_QUEUE, PREANNOTATE_QUEUE, SEGMENT_INTERACTIVE_JOB, WARM_EMBEDDINGS_JOB
-from core.redis_store import STATUS_DONE, STATUS_NO_MODEL, PreannotationStore
+from core.redis_store import (
+    STATUS_DONE,
+    STATUS_NO_MODEL,
+    PreannotationStore,
+    latest_propagation_key,
+    propagation_lock_key,
+)
 from importers.pipeline import ImportOptions, import_patient
 from workers.jobs import (
     PROPAGATED_PREFIX,
@@ -347,3 +353,119 @@ def test_the_disk_cache_is_pruned_least_recently_used_first(tmp_path, monkeypatc
     monkeypatch.setenv("STS_EMBEDDING_CACHE_GB", "lots")
     with pytest.raises(ConfigError, match="STS_EMBEDDING_CACHE_GB"):
         embedding_cache_budget_bytes()
+
+
+def test_the_disk_cache_counts_every_model_version_and_spares_writes_in_progress(tmp_path) -> None:
+    import os
+    import time
+
+    import torch
+
+    from workers.embedding_cache import STALE_TEMP_S, DiskEmbeddingCache
+
+    old_encoder = DiskEmbeddingCache(tmp_path, "v1")
+    old_encoder.put("aa1", torch.zeros((1, 4, 2, 2)))
+    os.utime(old_encoder.path_for("aa1"), (1000, 1000))
+    size = old_encoder.path_for("aa1").stat().st_size
+    cache = DiskEmbeddingCache(tmp_path, "v2", max_bytes=2 * size)
+    cache.put("bb2", torch.ones((1, 4, 2, 2)))
+    writing = cache.path_for("bb2").parent / ".cc3.tmp123.npz"  # another worker's write, under way
+    writing.write_bytes(b"partial")
+    left_behind = cache.path_for("bb2").parent / ".dd4.tmp456.npz"  # a killed worker's
+    left_behind.write_bytes(b"partial")
+    stale = time.time() - STALE_TEMP_S - 60
+    os.utime(left_behind, (stale, stale))
+    cache.put("ee5", torch.ones((1, 4, 2, 2)))
+    assert cache.prune() == 1  # the old encoder's embedding, least recently used, though in another folder
+    assert not old_encoder.path_for("aa1").exists()
+    assert cache.path_for("bb2").exists() and cache.path_for("ee5").exists()
+    assert writing.exists() and not left_behind.exists()
+
+
+def test_the_disk_cache_prunes_itself_as_it_fills(tmp_path, monkeypatch) -> None:
+    import torch
+
+    import workers.embedding_cache
+    from workers.embedding_cache import DiskEmbeddingCache
+
+    monkeypatch.setattr(workers.embedding_cache, "PRUNE_EVERY_PUTS", 4)
+    cache = DiskEmbeddingCache(tmp_path, "v1", max_entries=2)
+    cache.put("aa0", torch.zeros((1, 4, 2, 2)))
+    size = cache.path_for("aa0").stat().st_size
+    cache.max_bytes = 3 * size
+    for i in range(1, 11):
+        cache.put(f"a{i:02d}", torch.full((1, 4, 2, 2), float(i)))
+    files = list((tmp_path / "v1").glob("*/*.npz"))
+    assert 3 <= len(files) < 3 + 4  # pruned back to 3 every 4 writes; never more than 3 + 3 between prunes
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 cut short", b"not a zip at all"])
+def test_an_unreadable_cache_file_is_a_miss_and_is_replaced(tmp_path, content: bytes) -> None:
+    """A power loss can leave an empty or truncated file (writes are renamed, not synced): it must not
+    break the slice for good."""
+    import numpy as np
+    import torch
+
+    from workers.embedding_cache import DiskEmbeddingCache
+
+    cache = DiskEmbeddingCache(tmp_path, "v1")
+    path = cache.path_for("ab1")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    assert cache.get("ab1") is None and not path.exists()
+    cache.put("ab1", torch.full((1, 4, 2, 2), 3.0))
+    cache.clear()
+    assert float(cache.get("ab1").float().mean()) == 3.0
+    np.savez(path.with_suffix(".tmp.npz"), embedding=np.zeros(5, np.float16))  # readable, but not an embedding
+    path.with_suffix(".tmp.npz").replace(path)
+    cache.clear()
+    assert cache.get("ab1") is None and not path.exists()
+
+
+def turn_of_propagation(project_id: int, task_id: int, case_id: str, modality: str) -> bool:
+    """An RQ job that takes its turn as ``propagate_annotation`` does and says whether it would propagate."""
+    from workers.jobs import _propagation_turn
+
+    with _propagation_turn(None, project_id, task_id, case_id, modality) as latest:
+        return latest
+
+
+def test_an_earlier_save_of_a_task_stands_down_for_the_later_one(redis_db) -> None:
+    queue = Queue(PREANNOTATE_QUEUE, connection=redis_db)
+    first = queue.enqueue(turn_of_propagation, 3, 101, CASE, "T2")
+    second = queue.enqueue(turn_of_propagation, 3, 101, CASE, "T2")
+    redis_db.set(latest_propagation_key(3, 101), second.id)  # as the backend records the later save
+    other_task = queue.enqueue(turn_of_propagation, 3, 102, CASE, "T2")  # nothing recorded: it runs
+    SimpleWorker([queue], connection=redis_db).work(burst=True, with_scheduler=False)
+    assert (first.return_value(), second.return_value(), other_task.return_value()) == (False, True, True)
+    assert not redis_db.exists(propagation_lock_key(3, CASE, "T2"))  # released after each
+
+
+def test_a_propagation_waiting_too_long_for_its_case_is_retried_not_failed(redis_db, monkeypatch) -> None:
+    import workers.jobs
+
+    monkeypatch.setattr(workers.jobs, "PROPAGATION_LOCK_WAIT_S", 0.2)
+    held = redis_db.lock(propagation_lock_key(3, CASE, "T2"), timeout=60)
+    assert held.acquire(blocking=False)
+    queue = Queue(PREANNOTATE_QUEUE, connection=redis_db)
+    job = queue.enqueue(turn_of_propagation, 3, 101, CASE, "T2", retry=Retry(max=1))
+    SimpleWorker([queue], connection=redis_db).work(burst=True, max_jobs=1, with_scheduler=False)
+    job.refresh()
+    assert job.get_status() == "queued" and job.retries_left == 0  # a transient failure: tried again
+    held.release()
+    SimpleWorker([queue], connection=redis_db).work(burst=True, with_scheduler=False)
+    assert job.return_value() is True
+
+
+def test_a_warm_up_gives_way_to_annotators_and_propagations_not_to_other_warm_ups(redis_db) -> None:
+    from core.queues import PROPAGATE_ANNOTATION_JOB
+    from workers.jobs import _others_waiting
+
+    preannotate = Queue(PREANNOTATE_QUEUE, connection=redis_db)
+    preannotate.enqueue_call(WARM_EMBEDDINGS_JOB, kwargs={"case_id": "PH-OTHER", "modality": "T1"})
+    assert not _others_waiting(redis_db)  # another case's warm-up waits its turn: no slice-by-slice relay
+    preannotate.enqueue_call(PROPAGATE_ANNOTATION_JOB, kwargs={"case_id": CASE})
+    assert _others_waiting(redis_db)
+    preannotate.empty()
+    Queue(INTERACTIVE_QUEUE, connection=redis_db).enqueue_call(SEGMENT_INTERACTIVE_JOB, kwargs={})
+    assert _others_waiting(redis_db)
