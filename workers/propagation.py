@@ -24,7 +24,7 @@ from core.errors import ConfigError, InputError
 from core.settings import env_flag
 from workers.embedding_cache import EmbeddedSlice
 from workers.models.litemedsam import ModelFrame, mask_prompt_logits
-from workers.slice_masks import check_box, disk, fill_holes, keep_components, mask_box, outline_logits
+from workers.slice_masks import as_slice, check_box, disk, fill_holes, keep_components, mask_box, outline_logits
 from workers.slice_views import SliceView, average_views, parse_views, view_names, views_from_env
 
 if TYPE_CHECKING:
@@ -487,8 +487,15 @@ def propagate(
     array = np.asarray(volume)
     if array.ndim != 3:
         raise InputError(f"volume must be a 3-D [z, y, x] array, got shape {array.shape}")
+    if isinstance(seed_index, bool) or not isinstance(seed_index, int | np.integer):
+        raise InputError(f"seed_index must be an integer slice index, got {seed_index!r}")
     if not 0 <= int(seed_index) < array.shape[0]:
         raise InputError(f"seed_index {seed_index} outside the volume's {array.shape[0]} slices")
+    for z, plane in enumerate(array):  # every slice checked before any work: the error names the slice
+        try:
+            as_slice(plane)
+        except InputError as exc:
+            raise InputError(f"slice {z} of the volume: {exc}") from None
     seed = np.asarray(seed_mask).astype(bool)
     if seed.shape != array.shape[1:]:
         raise InputError(f"seed_mask shape {seed.shape} differs from a slice's shape {array.shape[1:]}")

@@ -719,8 +719,10 @@ def click_reach_region(box_mask: np.ndarray, points: tuple[np.ndarray, np.ndarra
     """
     coords, labels = points
     height, width = box_mask.shape
-    inside = cv2.distanceTransform(np.pad(box_mask, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]
-    outside = cv2.distanceTransform(np.pad(~box_mask, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]
+    # No padding: OpenCV counts the pixels beyond the image as far, so the image's edge is not taken
+    # for the mask's (a click near it would reach only ``min_reach_px``).
+    inside = cv2.distanceTransform(box_mask.astype(np.uint8), cv2.DIST_L2, 5)
+    outside = cv2.distanceTransform((~box_mask).astype(np.uint8), cv2.DIST_L2, 5)
     region = np.zeros((height, width), np.uint8)
     for (x, y), label in zip(coords, labels, strict=True):
         col, row = round(float(x)), round(float(y))

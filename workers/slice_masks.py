@@ -19,13 +19,20 @@ from core.errors import InputError
 # --------------------------------------------------------------------------------------- validation
 
 
+MAX_INTENSITY = float(np.finfo(np.float32).max) / 4
+"""Intensities are scaled in float32: past this, a difference of two of them overflows to infinity."""
+
+
 def as_slice(image: Any) -> np.ndarray:
     """A numeric 2-D ``[y, x]`` array; RGB(A) images ``[y, x, 3|4]`` become grey (channel mean).
 
     Raises:
-        InputError: not 2-D, empty, not numeric, or containing NaN/inf.
+        InputError: not 2-D, empty, not numeric, complex, or containing NaN/inf or values too large to
+            scale in float32 (the network's precision).
     """
     array = np.asarray(image)
+    if np.iscomplexobj(array):
+        raise InputError("the slice is complex: pass its magnitude (np.abs) or the real image")
     if array.ndim == 3 and array.shape[2] in (1, 3, 4):
         array = array[..., :3].mean(axis=2) if array.shape[2] > 1 else array[..., 0]
     if array.ndim != 2:
@@ -34,8 +41,11 @@ def as_slice(image: Any) -> np.ndarray:
         raise InputError(f"a slice must be at least 2×2 pixels, got shape {array.shape}")
     if array.dtype == bool or not np.issubdtype(array.dtype, np.number):
         raise InputError(f"a slice must be numeric, got dtype {array.dtype}")
-    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        raise InputError("the slice contains NaN or infinite values")
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise InputError("the slice contains NaN or infinite values")
+        if np.abs(array).max() > MAX_INTENSITY:
+            raise InputError(f"the slice has values beyond ±{MAX_INTENSITY:.1e}: they cannot be scaled in float32")
     return array
 
 
@@ -136,7 +146,12 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 
 
 def keep_components(mask: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """Only the 8-connected components of ``mask`` that overlap ``region`` (bool, same shape)."""
+    """Only the 8-connected components of ``mask`` that overlap ``region`` (bool, same shape).
+
+    A mask of one component is kept whole, wherever it lies: ``region`` chooses among the model's
+    answers, it does not overrule a single one (in propagation, a tumour that moved a few pixels off
+    the previous outline is still the tumour).
+    """
     window = occupied_window(mask)
     if window is None:
         return mask.copy()

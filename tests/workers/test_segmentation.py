@@ -327,11 +327,20 @@ def test_invalid_prompts_raise_input_error(box, points, problem):
         (np.zeros(10), "2-D"),
         (np.full((10, 10), np.nan), "NaN"),
         (np.zeros((10, 10), bool), "numeric"),
+        (np.ones((10, 10), np.complex64), "complex"),
+        (np.full((10, 10), 1e39), "cannot be scaled in float32"),
     ],
 )
 def test_invalid_images_raise_input_error(image, problem):
     with pytest.raises(InputError, match=problem):
         segment_slice(image, box=(1, 1, 5, 5))
+
+
+def test_a_slice_far_longer_than_wide_still_has_a_row_in_the_model_frame():
+    """2 × 2000 px: 0.26 rows once the long side is 256, which must not round to none."""
+    image = np.random.default_rng(0).random((2, 2000)).astype(np.float32)
+    mask = segment_slice(image, box=(0, 0, 1999, 1))
+    assert mask.shape == image.shape and mask.dtype == bool
 
 
 def test_box_partly_outside_is_clipped():
@@ -555,6 +564,14 @@ def test_a_click_reaches_as_far_as_the_mistake_it_points_at():
     assert abs(int(edge[30].sum()) - (2 * DEFAULT_CLICK_MIN_REACH_PX + 1)) <= 2  # on the edge: the minimum
     both = click_reach_region(mask, check_points([(20, 30, False), (65, 30, True)], mask.shape), reach=1.5)
     assert both[30, 20] and both[30, 65] and not both[5, 5]
+    # the image's edge is not the mask's: a click beside it measures to the mask (and into a mask
+    # that runs off the image, to the background)
+    near_border = click_reach_region(mask, check_points([(78, 30, True)], mask.shape), reach=1.0)
+    assert near_border[30, 50] and not near_border[30, 45]  # 29 px to the mask at x = 49
+    touching = np.zeros((60, 80), bool)
+    touching[10:50, :30] = True
+    inside_at_border = click_reach_region(touching, check_points([(1, 30, False)], mask.shape), reach=1.0)
+    assert inside_at_border[30, 20] and not inside_at_border[30, 35]  # 29 px to the background at x = 30
 
 
 def test_clicks_with_a_box_change_its_mask_only_within_their_reach(model):
@@ -727,6 +744,13 @@ def test_propagate_rejects_bad_seeds():
         propagate(volume, 2, seed[:, :30])
     with pytest.raises(InputError, match="3-D"):
         propagate(volume[0], 0, seed)
+    with pytest.raises(InputError, match="integer slice index"):
+        propagate(volume, 2.7, seed)
+    with pytest.raises(InputError, match="integer slice index"):
+        propagate(volume, None, seed)
+    volume[4, 3, 3] = np.nan
+    with pytest.raises(InputError, match="slice 4 of the volume.*NaN"):
+        propagate(volume, 2, seed)
 
 
 class RecordingSegmenter(SliceSegmenter):

@@ -540,8 +540,9 @@ class ModelFrame:
             height=int(height),
             width=int(width),
             scale=scale,
-            resized_height=min(size, int(height * scale + 0.5)),
-            resized_width=min(size, int(width * scale + 0.5)),
+            # at least one row and column: a slice 500× longer than wide would otherwise vanish
+            resized_height=max(1, min(size, int(height * scale + 0.5))),
+            resized_width=max(1, min(size, int(width * scale + 0.5))),
             size=size,
         )
 
