@@ -749,7 +749,7 @@ def test_propagate_rejects_bad_seeds():
     with pytest.raises(InputError, match="integer slice index"):
         propagate(volume, None, seed)
     volume[4, 3, 3] = np.nan
-    with pytest.raises(InputError, match="slice 4 of the volume.*NaN"):
+    with pytest.raises(InputError, match=r"slice 4 of the volume.*NaN"):
         propagate(volume, 2, seed)
 
 
